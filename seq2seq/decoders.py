@@ -1,0 +1,205 @@
+"""RNN decoder with attention and Luong-style input feeding.
+
+The decoder offers the step contract every search in `seq2seq.decoding` uses:
+
+    context = decoder.prepare_context(memory, memory_mask)     # once per source batch
+    state = decoder.initial_state(bridge_state, batch_size)    # a nested dict of tensors
+    logits, state, attention = decoder.step(token_ids, state, context)
+
+and a teacher-forced `call(target_in, state, context)` for training that runs the same
+recurrence over a whole target sequence and gives the same logits as stepping.
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from seq2seq.attention import make_attention
+from seq2seq.rnn import RecurrentCell, check_cell_type
+
+
+@keras.saving.register_keras_serializable(package="seq2seq")
+class AttentionDecoder(keras.layers.Layer):
+    """Embedding -> stacked RNN -> attention -> tanh(W [context; h]) -> vocabulary logits.
+
+    Luong, Pham and Manning (2015): with `input_feeding` the previous attentional vector is
+    concatenated to the next input embedding. `tie_embeddings` reuses the embedding matrix
+    as the output projection (Press and Wolf, 2017) and needs embedding_dim == units.
+    Logits are returned in float32 whatever the dtype policy.
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        cell_type="lstm",
+        units=256,
+        num_layers=1,
+        attention="luong",
+        attention_score="general",
+        attention_normalize=False,
+        embedding_dim=None,
+        input_feeding=True,
+        tie_embeddings=False,
+        dropout=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.cell_type = check_cell_type(cell_type)
+        self.units = units
+        self.num_layers = num_layers
+        self.attention_kind = attention
+        self.attention_score = attention_score
+        self.attention_normalize = attention_normalize
+        self.embedding_dim = embedding_dim or units
+        self.input_feeding = input_feeding
+        self.tie_embeddings = tie_embeddings
+        self.dropout = dropout
+        if tie_embeddings and self.embedding_dim != units:
+            raise ValueError(
+                f"tie_embeddings needs embedding_dim == units, got {self.embedding_dim} and {units}"
+            )
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        self.embedding = keras.layers.Embedding(vocab_size, self.embedding_dim, name="embedding")
+        self.cells = [RecurrentCell(cell_type, units, name=f"layer{i}") for i in range(num_layers)]
+        self.attention = make_attention(attention, units, score=attention_score, normalize=attention_normalize)
+        self.attention_output = keras.layers.Dense(units, activation="tanh", use_bias=False, name="attention_output")
+        if not tie_embeddings:
+            self.output_layer = keras.layers.Dense(vocab_size, name="output_layer")
+        self.embedding_dropout = keras.layers.Dropout(dropout)
+        self.seed_generator = keras.random.SeedGenerator(0)
+
+    def build(self, memory_dim):
+        """memory_dim: the size of the encoder memory vectors."""
+        self.embedding.build((None, None))
+        input_dim = self.embedding_dim + (self.units if self.input_feeding else 0)
+        for cell in self.cells:
+            cell.build(input_dim)
+            input_dim = self.units
+        self.attention.build((None, self.units), (None, None, memory_dim))
+        self.attention_output.build((None, memory_dim + self.units))
+        if self.tie_embeddings:
+            self.output_bias = self.add_weight(name="output_bias", shape=(self.vocab_size,), initializer="zeros")
+        else:
+            self.output_layer.build((None, self.units))
+
+    def prepare_context(self, memory, memory_mask):
+        """Everything the steps need from the source, computed once: memory, mask, attention keys."""
+        return {
+            "memory": memory,
+            "memory_mask": ops.cast(memory_mask, "bool"),
+            "keys": self.attention.prepare_keys(memory),
+        }
+
+    def initial_state(self, cell_states, batch_size, dtype=None):
+        """cell_states: per-layer state tuples (from a Bridge). Returns the decoder state dict."""
+        state = {"cells": tuple(tuple(part for part in layer) for layer in cell_states)}
+        if self.input_feeding:
+            dtype = dtype or cell_states[0][0].dtype
+            state["feed"] = ops.zeros((batch_size, self.units), dtype=dtype)
+        return state
+
+    def _first_layer_inputs(self, embedded):
+        """embedded [..., embedding_dim] -> the embedding part of layer 0's input projection."""
+        cell = self.cells[0]
+        kernel = ops.cast(cell.kernel[: self.embedding_dim], embedded.dtype)
+        return ops.matmul(embedded, kernel) + ops.cast(cell.bias, embedded.dtype)
+
+    def _recurrence(self, projected_embedding, state, context, layer_dropout=None, output_dropout=None):
+        """One decoder step after the embedding projection.
+
+        projected_embedding: [batch, gates*units]. Returns the attentional vector [batch, units],
+        the new state and the attention weights [batch, src_len] (float32).
+        """
+        x = projected_embedding
+        if self.input_feeding:
+            feed = state["feed"]
+            x = x + ops.matmul(feed, ops.cast(self.cells[0].kernel[self.embedding_dim :], feed.dtype))
+        new_cells = []
+        h = None
+        for i, cell in enumerate(self.cells):
+            if i > 0:
+                if layer_dropout is not None:
+                    h = h * layer_dropout[i - 1]
+                x = cell.project_inputs(h)
+            h, cell_state = cell.step(x, state["cells"][i])
+            new_cells.append(cell_state)
+        context_vector, weights = self.attention(h, context["keys"], context["memory"], context["memory_mask"])
+        attentional = self.attention_output(ops.concatenate([ops.cast(context_vector, h.dtype), h], axis=-1))
+        if output_dropout is not None:
+            attentional = attentional * output_dropout
+        new_state = {"cells": tuple(new_cells)}
+        if self.input_feeding:
+            new_state["feed"] = attentional
+        return attentional, new_state, weights
+
+    def _logits(self, attentional):
+        if self.tie_embeddings:
+            matrix = ops.cast(self.embedding.embeddings, attentional.dtype)
+            logits = ops.matmul(attentional, ops.transpose(matrix)) + ops.cast(self.output_bias, attentional.dtype)
+        else:
+            logits = self.output_layer(attentional)
+        return ops.cast(logits, "float32")
+
+    def step(self, token_ids, state, context):
+        """token_ids [batch] -> (logits [batch, vocab] float32, new state, attention [batch, src_len])."""
+        embedded = self.embedding(token_ids)
+        attentional, state, weights = self._recurrence(self._first_layer_inputs(embedded), state, context)
+        return self._logits(attentional), state, weights
+
+    def call(self, target_in, state, context, training=False):
+        """Teacher forcing: target_in [batch, time] -> (logits [batch, time, vocab] float32,
+        attention [batch, time, src_len]). Runs the step recurrence in one graph loop; the
+        output projection of all steps is one matrix product."""
+        embedded = self.embedding_dropout(self.embedding(target_in), training=training)
+        projected = ops.transpose(self._first_layer_inputs(embedded), [1, 0, 2])  # [time, batch, G]
+        num_steps = tf.shape(projected)[0]
+        batch_size = tf.shape(projected)[1]
+        layer_dropout = output_dropout = None
+        if training and self.dropout > 0:
+            dtype = projected.dtype
+            shape = (num_steps, batch_size, self.units)
+            output_dropout = self._dropout_mask(shape, dtype)
+            if self.num_layers > 1:
+                layer_dropout = self._dropout_mask((num_steps, self.num_layers - 1, batch_size, self.units), dtype)
+        attentionals = tf.TensorArray(projected.dtype, size=num_steps, element_shape=tf.TensorShape([None, self.units]))
+        all_weights = tf.TensorArray(tf.float32, size=num_steps, element_shape=tf.TensorShape([None, None]))
+
+        def body(t, state, attentionals, all_weights):
+            attentional, state, weights = self._recurrence(
+                projected[t],
+                state,
+                context,
+                layer_dropout=None if layer_dropout is None else layer_dropout[t],
+                output_dropout=None if output_dropout is None else output_dropout[t],
+            )
+            return t + 1, state, attentionals.write(t, attentional), all_weights.write(t, weights)
+
+        _, _, attentionals, all_weights = tf.while_loop(
+            lambda t, *_: t < num_steps, body, (tf.constant(0), state, attentionals, all_weights)
+        )
+        attentional = tf.transpose(attentionals.stack(), [1, 0, 2])  # [batch, time, units]
+        weights = tf.transpose(all_weights.stack(), [1, 0, 2])  # [batch, time, src_len]
+        return self._logits(attentional), weights
+
+    def _dropout_mask(self, shape, dtype):
+        """Inverted-dropout multipliers, drawn once for all steps (outside the time loop)."""
+        keep = keras.random.uniform(shape, seed=self.seed_generator) >= self.dropout
+        return ops.cast(keep, dtype) / (1.0 - self.dropout)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "cell_type": self.cell_type,
+            "units": self.units,
+            "num_layers": self.num_layers,
+            "attention": self.attention_kind,
+            "attention_score": self.attention_score,
+            "attention_normalize": self.attention_normalize,
+            "embedding_dim": self.embedding_dim,
+            "input_feeding": self.input_feeding,
+            "tie_embeddings": self.tie_embeddings,
+            "dropout": self.dropout,
+        }

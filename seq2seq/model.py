@@ -1,0 +1,176 @@
+"""The encoder-decoder model: any encoder, a bridge, and a decoder with the step contract."""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from seq2seq import decoding
+from seq2seq.decoders import AttentionDecoder
+from seq2seq.encoders import Bridge, RNNEncoder
+
+SEARCHES = ("greedy", "beam", "sample")
+
+
+@keras.saving.register_keras_serializable(package="seq2seq")
+class Seq2SeqModel(keras.Model):
+    """Encoder + bridge + decoder, trained with teacher forcing and decoded with `generate`.
+
+    Training inputs are a dict {"source": ..., "target_in": [batch, time] ids}; `call` returns
+    logits [batch, time, vocab] in float32. The encoder is any layer returning
+    {"memory", "memory_mask", "final_states"} (RNNEncoder for text, an image encoder for
+    captioning); the decoder is any layer with `prepare_context`, `initial_state`, `step`
+    and a teacher-forced `call` (AttentionDecoder, or a Transformer decoder).
+    """
+
+    def __init__(
+        self, encoder, decoder, bridge, source_shape=(None,), start_id=2, end_id=3, attention_regularizer=0.0, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.bridge = bridge
+        self.source_shape = tuple(source_shape)
+        self.start_id = start_id
+        self.end_id = end_id
+        self.attention_regularizer = attention_regularizer
+
+    def build(self, input_shape=None):
+        """Builds every weight from the configs, so a loaded model needs no sample input."""
+        self.encoder.build((None, *self.source_shape))
+        memory_dim = self.encoder.output_size
+        self.decoder.build(memory_dim)
+        self.bridge.build(self.encoder.final_state_size)
+        self.built = True
+
+    def encode(self, source, training=False):
+        """source -> (context for the decoder steps, initial decoder state, memory mask)."""
+        encoded = self.encoder(source, training=training)
+        batch_size = ops.shape(encoded["memory"])[0]
+        cell_states = self.bridge(encoded["final_states"], batch_size=batch_size)
+        state = self.decoder.initial_state(cell_states, batch_size, dtype=encoded["memory"].dtype)
+        context = self.decoder.prepare_context(encoded["memory"], encoded["memory_mask"])
+        return context, state
+
+    def call(self, inputs, training=False):
+        context, state = self.encode(inputs["source"], training=training)
+        logits, attention = self.decoder(inputs["target_in"], state, context, training=training)
+        if training and self.attention_regularizer:
+            self.add_loss(self.attention_regularizer * doubly_stochastic_penalty(attention, inputs["target_in"]))
+        return logits
+
+    def generate(
+        self,
+        source,
+        search="greedy",
+        max_length=100,
+        beam_size=4,
+        length_penalty=0.0,
+        length_normalize=False,
+        n_best=1,
+        temperature=1.0,
+        top_k=0,
+        seed=None,
+    ):
+        """Decodes a batch of sources. max_length: an int, or an int tensor [batch] per row
+        (see `decoding.max_length_from_source`). Returns a `decoding.DecodingResult`."""
+        context, state = self.encode(source, training=False)
+        batch_size = tf.shape(context["memory"])[0]
+        common = (self.decoder.step, state, context, batch_size, self.start_id, self.end_id, max_length)
+        if search == "greedy":
+            return decoding.greedy_search(*common)
+        if search == "beam":
+            return decoding.beam_search(
+                *common, beam_size=beam_size, length_penalty=length_penalty,
+                length_normalize=length_normalize, n_best=n_best,
+            )
+        if search == "sample":
+            return decoding.sampling_search(*common, temperature=temperature, top_k=top_k, seed=seed)
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "decoder": keras.saving.serialize_keras_object(self.decoder),
+            "bridge": keras.saving.serialize_keras_object(self.bridge),
+            "source_shape": list(self.source_shape),
+            "start_id": self.start_id,
+            "end_id": self.end_id,
+            "attention_regularizer": self.attention_regularizer,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("encoder", "decoder", "bridge"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+    def get_build_config(self):
+        return {"built": True}
+
+    def build_from_config(self, config):
+        self.build()
+
+
+def doubly_stochastic_penalty(attention, target_in):
+    """Show, Attend and Tell's regularizer: sum_i (1 - sum_t alpha_ti)^2, averaged over the batch.
+
+    attention [batch, time, src_len]; target padding (id 0) does not count.
+    """
+    mask = ops.cast(ops.not_equal(target_in, 0), attention.dtype)[:, :, None]
+    coverage = ops.sum(attention * mask, axis=1)  # [batch, src_len]
+    return ops.mean(ops.sum(ops.square(1.0 - coverage), axis=-1))
+
+
+def build_rnn_model(
+    source_vocab_size,
+    target_vocab_size,
+    cell_type="lstm",
+    units=256,
+    embedding_dim=None,
+    encoder_layers=1,
+    decoder_layers=1,
+    bidirectional=True,
+    merge_mode="concat",
+    attention="luong",
+    attention_score="general",
+    attention_normalize=False,
+    input_feeding=True,
+    tie_embeddings=False,
+    dropout=0.0,
+    bridge="dense",
+    encoder_units=None,
+    start_id=2,
+    end_id=3,
+):
+    """An RNN encoder-decoder with attention for token-id sources (translation)."""
+    encoder = RNNEncoder(
+        cell_type=cell_type,
+        units=encoder_units or units,
+        num_layers=encoder_layers,
+        bidirectional=bidirectional,
+        merge_mode=merge_mode,
+        dropout=dropout,
+        vocab_size=source_vocab_size,
+        embedding_dim=embedding_dim,
+        name="encoder",
+    )
+    decoder = AttentionDecoder(
+        target_vocab_size,
+        cell_type=cell_type,
+        units=units,
+        num_layers=decoder_layers,
+        attention=attention,
+        attention_score=attention_score,
+        attention_normalize=attention_normalize,
+        embedding_dim=embedding_dim,
+        input_feeding=input_feeding,
+        tie_embeddings=tie_embeddings,
+        dropout=dropout,
+        name="decoder",
+    )
+    bridge_layer = Bridge(cell_type, units, decoder_layers, kind=bridge, name="bridge")
+    model = Seq2SeqModel(encoder, decoder, bridge_layer, start_id=start_id, end_id=end_id)
+    model.build()
+    return model
