@@ -177,7 +177,10 @@ class AttentionDecoder(keras.layers.Layer):
             return t + 1, state, attentionals.write(t, attentional), all_weights.write(t, weights)
 
         _, _, attentionals, all_weights = tf.while_loop(
-            lambda t, *_: t < num_steps, body, (tf.constant(0), state, attentionals, all_weights)
+            lambda t, *_: t < num_steps,
+            body,
+            (tf.constant(0), state, attentionals, all_weights),
+            maximum_iterations=num_steps,
         )
         attentional = tf.transpose(attentionals.stack(), [1, 0, 2])  # [batch, time, units]
         weights = tf.transpose(all_weights.stack(), [1, 0, 2])  # [batch, time, src_len]

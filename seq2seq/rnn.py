@@ -123,7 +123,8 @@ def run_cell(cell, projected, mask, initial_state, reverse=False):
         return t + 1, new_state, outputs.write(t, tf.where(keep, output, tf.zeros_like(output)))
 
     _, final_state, outputs = tf.while_loop(
-        lambda t, *_: t < num_steps, body, (tf.constant(0), tuple(initial_state), outputs)
+        lambda t, *_: t < num_steps, body, (tf.constant(0), tuple(initial_state), outputs),
+        maximum_iterations=num_steps,
     )
     outputs = tf.transpose(outputs.stack(), [1, 0, 2])  # [batch, time, units]
     outputs = tf.ensure_shape(outputs, [None, None, cell.units])
