@@ -58,14 +58,12 @@ def sequence_score(log_probs, lengths, length_penalty=0.0, length_normalize=Fals
     length_penalty (alpha > 0): GNMT, log_probs / ((5 + length) / 6) ** alpha (Wu et al., 2016).
     length_normalize: log_probs / length. Neither: the plain log-probability.
     """
-    if length_penalty and length_normalize:
-        raise ValueError("use either length_penalty or length_normalize, not both")
     lengths = tf.cast(lengths, tf.float32)
-    if length_penalty:
-        return log_probs / tf.pow((5.0 + lengths) / 6.0, length_penalty)
     if length_normalize:
         return log_probs / tf.maximum(lengths, 1.0)
-    return log_probs
+    if isinstance(length_penalty, (int, float)) and not length_penalty:
+        return log_probs
+    return log_probs / tf.pow((5.0 + lengths) / 6.0, tf.cast(length_penalty, tf.float32))
 
 
 def _max_lengths(max_length, batch_size):
@@ -180,13 +178,15 @@ def beam_search(
     beam * vocab candidates, ranked by `sequence_score`. A hypothesis that emits the end
     token stays in the beam with a frozen score, so the search ends when every beam of
     every row has finished or reached its maximum length. Returns the `n_best` hypotheses
-    of each row, best first.
+    of each row, best first. beam_size, n_best and length_penalty may be scalar tensors, so
+    one exported graph serves any beam size.
     """
-    if beam_size < 1:
+    if isinstance(beam_size, int) and beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
-    if not 1 <= n_best <= beam_size:
+    if isinstance(beam_size, int) and isinstance(n_best, int) and not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
-    sequence_score(0.0, 1, length_penalty, length_normalize)
+    if length_normalize and not (isinstance(length_penalty, (int, float)) and length_penalty == 0):
+        raise ValueError("use either length_penalty or length_normalize, not both")
     k = beam_size
     max_lengths = tf.repeat(_max_lengths(max_length, batch_size)[:, None], k, axis=1)  # [batch, beam]
     limit = tf.reduce_max(max_lengths)

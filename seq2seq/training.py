@@ -22,6 +22,8 @@ import tensorflow as tf
 from seq2seq.losses import MaskedCrossEntropy, WarmupDecay
 
 PRECISIONS = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+# Metrics early stopping can follow, and whether lower (-1) or higher (+1) is better.
+METRIC_MODES = {"val_loss": -1, "loss": -1, "val_bleu": 1}
 
 
 class TrainingError(RuntimeError):
@@ -44,6 +46,7 @@ class TrainingConfig:
     seed: int = 1234
     keep_checkpoints: int = 5
     early_stopping_patience: int | None = None
+    early_stopping_metric: str = "val_loss"
     precision: str = "float32"
     jit_compile: bool = False
     tensorboard: bool = True
@@ -54,6 +57,8 @@ class TrainingConfig:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1 and not self.max_steps:
             raise ValueError("train for at least one epoch or give max_steps")
+        if self.early_stopping_metric not in METRIC_MODES:
+            raise ValueError(f"early_stopping_metric must be one of {sorted(METRIC_MODES)}, got {self.early_stopping_metric!r}")
 
 
 def set_precision(precision):
@@ -91,6 +96,11 @@ class PlannedBatches:
             epoch += 1
         return epoch, step
 
+    def epoch_dataset(self, epoch=0):
+        """The batches of one epoch, once (e.g. for validation with an unshuffled plan)."""
+        plan = tf.ragged.constant([list(batch) for batch in self.plan(epoch)], dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices(plan).map(self.make_batch).prefetch(tf.data.AUTOTUNE)
+
     def stream(self, start_step):
         """An endless tf.data stream of batches from global step `start_step` on."""
         start_epoch, start_batch = self.position(start_step)
@@ -111,12 +121,16 @@ class PlannedBatches:
 
 
 class _CheckpointAndStop(keras.callbacks.Callback):
-    """Writes a checkpoint at the end of every interval, tracks the best validation loss,
-    stops early, and stops with a clear error on a NaN loss."""
+    """Writes a checkpoint at the end of every interval, tracks the best value of the
+    monitored metric, stops early, and stops with a clear error on a NaN loss.
 
-    def __init__(self, manager, chunk, best, bad_chunks, patience, best_path, verbose):
+    `best` holds the best value times the metric's sign, so that higher is always better."""
+
+    def __init__(self, manager, chunk, best, bad_chunks, patience, best_path, monitor, verbose):
         super().__init__()
         self.manager = manager
+        self.monitor = monitor
+        self.sign = METRIC_MODES[monitor]
         self.chunk = chunk
         self.best = best
         self.bad_chunks = bad_chunks
@@ -138,9 +152,9 @@ class _CheckpointAndStop(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         self.chunk.assign(epoch + 1)
-        monitored = logs.get("val_loss", logs.get("loss"))
-        if monitored is not None and monitored < float(self.best.numpy()):
-            self.best.assign(monitored)
+        monitored = logs.get(self.monitor, logs.get("loss") if self.monitor == "val_loss" else None)
+        if monitored is not None and self.sign * monitored > float(self.best.numpy()):
+            self.best.assign(self.sign * monitored)
             self.bad_chunks.assign(0)
             self.model.save_weights(self.best_path)
         else:
@@ -148,7 +162,7 @@ class _CheckpointAndStop(keras.callbacks.Callback):
         self.manager.save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
         if self.patience and int(self.bad_chunks.numpy()) >= self.patience:
             if self.verbose:
-                print(f"early stopping: no better validation loss for {self.patience} checkpoints")
+                print(f"early stopping: no better {self.monitor} for {self.patience} checkpoints")
             self.model.stop_training = True
 
 
@@ -175,7 +189,7 @@ class Trainer:
         )
         optimizer.build(model.trainable_variables)
         self.chunk = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.best = tf.Variable(float("inf"), dtype=tf.float64, trainable=False)
+        self.best = tf.Variable(-float("inf"), dtype=tf.float64, trainable=False)
         self.bad_chunks = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, chunk=self.chunk, best=self.best, bad_chunks=self.bad_chunks
@@ -209,12 +223,13 @@ class Trainer:
             if config.verbose:
                 print("training already finished for this output dir")
             return None
+        # Callbacks that add metrics (e.g. validation BLEU) run before the checkpoint reads them.
         all_callbacks = [
+            *callbacks,
             _CheckpointAndStop(
                 self.manager, self.chunk, self.best, self.bad_chunks, config.early_stopping_patience,
-                str(self.output_dir / "best.weights.h5"), config.verbose,
+                str(self.output_dir / "best.weights.h5"), config.early_stopping_metric, config.verbose,
             ),
-            *callbacks,
         ]
         if config.tensorboard:
             all_callbacks.append(keras.callbacks.TensorBoard(str(self.output_dir / "logs"), update_freq=50))
@@ -225,6 +240,7 @@ class Trainer:
             initial_epoch=start_chunk,
             steps_per_epoch=steps_per_chunk,
             callbacks=all_callbacks,
+            shuffle=False,
             verbose=config.verbose,
         )
         self._write_summary(history)
@@ -233,7 +249,7 @@ class Trainer:
     def _write_summary(self, history):
         summary = {
             "step": self.step,
-            "best_val_loss": float(self.best.numpy()),
+            "best_" + self.config.early_stopping_metric: METRIC_MODES[self.config.early_stopping_metric] * float(self.best.numpy()),
             "history": {key: [float(v) for v in values] for key, values in history.history.items()},
         }
         (self.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))

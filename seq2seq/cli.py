@@ -1,0 +1,91 @@
+"""Shared command-line plumbing: quiet TensorFlow, flags from config dataclasses, one-line errors."""
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """An error to show the user as one line, with a non-zero exit code."""
+
+
+def flag_name(field_name):
+    return "--" + field_name.replace("_", "-")
+
+
+def _base_type(annotation):
+    """int | None -> int; bool -> bool; str -> str."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"int": int, "float": float, "str": str, "bool": bool, "None": None})
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0]
+    return annotation
+
+
+def add_dataclass_flags(parser, section_name, section_class, skip=()):
+    """Adds one flag per field of a config dataclass; unset flags stay None (the config file or default wins)."""
+    group = parser.add_argument_group(f"{section_name} options (override the config file)")
+    for field in dataclasses.fields(section_class):
+        if field.name in skip:
+            continue
+        kind = _base_type(field.type)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = f"(default: {default})"
+        dest = f"{section_name}.{field.name}"
+        if kind is bool:
+            group.add_argument(flag_name(field.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag_name(field.name), dest=dest, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+
+
+def flag_overrides(args):
+    """{"section": {"field": value}} for every flag the user set."""
+    overrides = {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, field = key.split(".", 1)
+            overrides.setdefault(section, {})[field] = value
+    return overrides
+
+
+def run_main(handler, args):
+    """Runs a subcommand, turning expected errors into one line on stderr and exit code 2."""
+    from seq2seq.text import DataError
+    from seq2seq.training import TrainingError
+
+    try:
+        return handler(args) or 0
+    except (CommandError, DataError, TrainingError, ValueError, FileNotFoundError, PermissionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def read_input_lines(path=None):
+    """Lines of a file (or of stdin), decoded as UTF-8, with a clear error naming the bad line."""
+    if path is None:
+        return decode_lines(sys.stdin.buffer, "<stdin>")
+    if not os.path.isfile(path):
+        raise CommandError(f"{path}: file not found")
+    with open(path, "rb") as stream:
+        return decode_lines(stream, path)
+
+
+def decode_lines(stream, name):
+    lines = []
+    for number, raw in enumerate(stream, start=1):
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError as error:
+            raise CommandError(f"{name}:{number}: not valid UTF-8 ({error.reason})") from None
+    return lines

@@ -1,0 +1,191 @@
+"""python -m seq2seq.translate {train,translate,evaluate,export}: machine translation from the terminal."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from seq2seq import cli
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = PROJECT_ROOT / "saved_models" / "multi30k_en_de"
+
+
+def resolve_model(path):
+    """A translate function from a SavedModel dir, a TF Serving model dir (highest version) or a run dir."""
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (registers the SentencePiece op used by subword exports)
+
+    from tasks.translation.pipeline import TranslationRun
+
+    path = Path(path)
+    if not path.exists():
+        raise cli.CommandError(f"{path}: model not found (give a SavedModel, a TF Serving model dir or a run dir)")
+    if not (path / "saved_model.pb").is_file():
+        versions = sorted((int(p.name), p) for p in path.glob("*") if p.name.isdigit() and (p / "saved_model.pb").is_file())
+        if versions:
+            path = versions[-1][1]
+    if (path / "saved_model.pb").is_file():
+        return tf.saved_model.load(str(path))
+    if (path / "config.yaml").is_file():
+        run = TranslationRun.load(path)
+        return run.translator(run.load_model(), replace_unknown=False)
+    raise cli.CommandError(f"{path}: neither a SavedModel nor a run directory")
+
+
+def load_translator(args):
+    if args.replace_unknown or args.average_last or args.weights != "best":
+        from tasks.translation.pipeline import TranslationRun
+
+        if not (Path(args.model) / "config.yaml").is_file():
+            raise cli.CommandError("--replace-unknown, --average-last and --weights need --model to be a run directory")
+        run = TranslationRun.load(args.model)
+        model = run.load_model(weights=args.weights, average_last=args.average_last)
+        return run.translator(model, replace_unknown=args.replace_unknown)
+    return resolve_model(args.model)
+
+
+def command_train(args):
+    from tasks.translation.config import TranslationConfig
+    from tasks.translation.pipeline import train
+
+    values = {}
+    if args.config:
+        import yaml
+
+        if not Path(args.config).is_file():
+            raise cli.CommandError(f"{args.config}: config file not found")
+        values = yaml.safe_load(Path(args.config).read_text()) or {}
+    for section, fields in cli.flag_overrides(args).items():
+        values.setdefault(section, {}).update(fields)
+    if not values.get("training", {}).get("output_dir"):
+        raise cli.CommandError("give an output directory: --output-dir DIR (or training.output_dir in the config)")
+    config = TranslationConfig.from_dict(values)
+    train(config, validation_bleu=not args.no_validation_bleu)
+    print(f"trained: {config.training.output_dir}")
+
+
+def command_translate(args):
+    from tasks.translation.pipeline import translate_lines
+
+    lines = args.texts if args.texts else cli.read_input_lines(args.input)
+    translator = load_translator(args)
+    outputs = [] if args.plot_alignment else None
+    interactive = not args.texts and args.input is None and sys.stdin.isatty()
+    batch_size = 1 if interactive else args.batch_size
+    results = translate_lines(
+        translator, lines, beam_size=args.beam_size, n_best=args.n_best,
+        length_penalty=args.length_penalty, batch_size=batch_size, outputs=outputs,
+    )
+    for result in results:
+        print(result if args.n_best == 1 else "\t".join(result), flush=interactive)
+    if outputs:
+        from seq2seq.plotting import plot_alignment
+
+        first = outputs[0][1]
+        plot_alignment(first["source_tokens"], first["target_tokens"], first["attention"], args.plot_alignment)
+        print(f"alignment of the first sentence written to {args.plot_alignment}", file=sys.stderr)
+
+
+def command_evaluate(args):
+    from tasks.translation.pipeline import corpus_scores, translate_lines
+
+    references = cli.read_input_lines(args.references)
+    if args.hypotheses:
+        hypotheses = cli.read_input_lines(args.hypotheses)
+    elif args.source:
+        hypotheses = translate_lines(
+            load_translator(args), cli.read_input_lines(args.source), beam_size=args.beam_size,
+            length_penalty=args.length_penalty, batch_size=args.batch_size,
+        )
+    else:
+        raise cli.CommandError("give --hypotheses FILE, or --source FILE to translate with --model")
+    if len(hypotheses) != len(references):
+        raise cli.CommandError(f"{len(hypotheses)} hypotheses but {len(references)} references in {args.references}")
+    scores = corpus_scores(hypotheses, references)
+    print(f"BLEU = {scores['bleu']:.2f}  chrF = {scores['chrf']:.2f}  ({scores['sentences']} sentences)")
+    print(f"  {scores['bleu_detail']}")
+    print(f"  BLEU signature: {scores['bleu_signature']}")
+    print(f"  chrF signature: {scores['chrf_signature']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
+
+
+def command_export(args):
+    from tasks.translation.pipeline import TranslationRun, export, next_version
+
+    run = TranslationRun.load(args.run_dir)
+    model = run.load_model(weights=args.weights, average_last=args.average_last)
+    model_dir = Path(args.output)
+    version = args.version or next_version(model_dir)
+    path = export(run, model, model_dir / str(version), args.beam_size, args.length_penalty, args.replace_unknown)
+    print(f"exported: {path}")
+
+
+def add_model_flags(parser):
+    parser.add_argument("--model", default=str(SHIPPED_MODEL), help="SavedModel, TF Serving model dir or run dir (default: the shipped Multi30k En->De model)")
+    parser.add_argument("--beam-size", type=int, default=5, help="beam width; 1 is greedy search (default: 5)")
+    parser.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length penalty alpha (default: 0.6)")
+    parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default: 64)")
+    parser.add_argument("--replace-unknown", action="store_true", help="replace <unk> outputs by the most attended source word (run dirs only)")
+    parser.add_argument("--weights", choices=("best", "last"), default="best", help="which weights of a run dir (default: best)")
+    parser.add_argument("--average-last", type=int, metavar="N", help="average the last N checkpoints of a run dir")
+
+
+def build_parser():
+    from seq2seq.training import TrainingConfig
+    from tasks.translation.config import BatchConfig, DataConfig, ModelConfig, TokenizationConfig
+
+    parser = argparse.ArgumentParser(prog="python -m seq2seq.translate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model (resumes when the output dir holds a run)",
+                                description="Train a translation model from a YAML config and/or flags. "
+                                "Started again on the same --output-dir, it resumes from the last checkpoint.")
+    train.add_argument("--config", help="YAML config with sections data, tokenization, model, batching, training")
+    train.add_argument("--no-validation-bleu", action="store_true", help="skip greedy validation BLEU at each checkpoint")
+    for name, section in (("data", DataConfig), ("tokenization", TokenizationConfig), ("model", ModelConfig),
+                          ("batching", BatchConfig), ("training", TrainingConfig)):
+        cli.add_dataclass_flags(train, name, section)
+    train.set_defaults(handler=command_train)
+
+    translate = commands.add_parser("translate", help="translate texts given as arguments, a file, or stdin",
+                                    description="Translate sentences: arguments, --input FILE, or stdin to stdout, one output line per input line.")
+    translate.add_argument("texts", nargs="*", help="sentences to translate (default: read lines from stdin)")
+    translate.add_argument("--input", help="file of sentences, one a line")
+    translate.add_argument("--n-best", type=int, default=1, help="hypotheses per sentence, tab-separated (default: 1)")
+    translate.add_argument("--plot-alignment", metavar="PNG", help="write the attention alignment of the first sentence to a PNG")
+    add_model_flags(translate)
+    translate.set_defaults(handler=command_translate)
+
+    evaluate = commands.add_parser("evaluate", help="sacreBLEU and chrF against references",
+                                   description="Score hypotheses (or translate --source first) against a reference file with sacreBLEU (cased, 13a) and chrF.")
+    evaluate.add_argument("--references", required=True, help="reference translations, one a line")
+    evaluate.add_argument("--hypotheses", help="system output, one a line")
+    evaluate.add_argument("--source", help="source sentences to translate with --model instead of --hypotheses")
+    evaluate.add_argument("--json", help="also write the scores and signatures to this JSON file")
+    add_model_flags(evaluate)
+    evaluate.set_defaults(handler=command_evaluate)
+
+    export = commands.add_parser("export", help="write a SavedModel for TF Serving",
+                                 description="Export a run as a SavedModel in TF Serving's <model>/<version>/ layout. "
+                                 "serving_default: texts -> translations, scores (beam search in the graph).")
+    export.add_argument("--run-dir", required=True, help="the training run to export")
+    export.add_argument("--output", default=str(SHIPPED_MODEL.parent / "translation"), help="model dir; the version folder goes inside")
+    export.add_argument("--version", type=int, help="version number (default: the next free one)")
+    export.add_argument("--beam-size", type=int, default=5, help="beam width of serving_default (default: 5)")
+    export.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha of serving_default (default: 0.6)")
+    export.add_argument("--replace-unknown", action="store_true", help="replace <unk> outputs by the most attended source word")
+    export.add_argument("--weights", choices=("best", "last"), default="best", help="which weights (default: best)")
+    export.add_argument("--average-last", type=int, metavar="N", help="export the average of the last N checkpoints")
+    export.set_defaults(handler=command_export)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return cli.run_main(args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

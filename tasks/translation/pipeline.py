@@ -1,0 +1,322 @@
+"""Translation runs: data and vocabularies, training, loading a trained model, export.
+
+A run directory holds everything needed to continue or use a run:
+  config.yaml                  the resolved configuration
+  source.vocab, target.vocab   plain-text vocabularies, one token a line
+  source.spm, target.spm       SentencePiece models (sentencepiece scheme only)
+  checkpoints/                 model + optimizer + step, for resuming and averaging
+  best.weights.h5              weights with the best validation metric
+  logs/                        TensorBoard logs
+"""
+
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import sacrebleu
+import tensorflow as tf
+
+from seq2seq.batching import filter_by_length, plan_batches
+from seq2seq.model import build_rnn_model
+from seq2seq.text import DataError, Vocabulary, WordTokenizer
+from seq2seq.training import Trainer, average_checkpoints, sequence_batches, set_precision
+from tasks.translation import data
+from tasks.translation.config import TranslationConfig
+from tasks.translation.subword import SentencePieceTokenizer, sentencepiece_vocabulary, train_sentencepiece
+from tasks.translation.translator import Translator
+
+ENCODE_CHUNK = 4096
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def read_pairs(config, split):
+    """(sources, targets) for split "train" or "valid"; empty lists when no validation data."""
+    d = config.data
+    if split == "train":
+        if d.train_tsv:
+            return data.read_tsv(d.train_tsv)
+        if d.tfds_name:
+            return data.load_tfds(d.tfds_name, d.tfds_train_split, d.source_lang, d.target_lang, d.tfds_data_dir)
+        return data.read_parallel(d.train_source, d.train_target)
+    if d.valid_tsv:
+        return data.read_tsv(d.valid_tsv)
+    if d.valid_source:
+        return data.read_parallel(d.valid_source, d.valid_target)
+    if d.tfds_name and d.tfds_valid_split:
+        return data.load_tfds(d.tfds_name, d.tfds_valid_split, d.source_lang, d.target_lang, d.tfds_data_dir)
+    return [], []
+
+
+def tokenize_all(tokenizer, texts):
+    """Token lists of every text, tokenized in-graph in chunks."""
+    tokens = []
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        ragged = tokenizer.tokenize(tf.constant(texts[start : start + ENCODE_CHUNK]))
+        tokens.extend(ragged.to_list())
+    return tokens
+
+
+def encode_all(tokenizer, vocab, texts):
+    """Ragged int32 ids [N, None] of every text."""
+    parts = []
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        parts.append(vocab.lookup_ids(tokenizer.tokenize(tf.constant(texts[start : start + ENCODE_CHUNK]))))
+    if not parts:
+        return tf.ragged.constant([], dtype=tf.int32, ragged_rank=1)
+    return tf.concat(parts, axis=0)
+
+
+class TranslationRun:
+    """A run directory with its config, tokenizers and vocabularies."""
+
+    def __init__(self, run_dir, config, source_tokenizer, target_tokenizer, source_vocab, target_vocab):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.source_tokenizer = source_tokenizer
+        self.target_tokenizer = target_tokenizer
+        self.source_vocab = source_vocab
+        self.target_vocab = target_vocab
+
+    @classmethod
+    def create(cls, config, train_sources, train_targets):
+        """Trains tokenizers and builds vocabularies from the training data, and saves them."""
+        run_dir = Path(config.training.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t = config.tokenization
+        if t.scheme == "sentencepiece":
+            log("training SentencePiece models")
+            tokenizers, vocabs = [], []
+            for side, texts, size in (
+                ("source", train_sources, t.source_vocab_size),
+                ("target", train_targets, t.target_vocab_size),
+            ):
+                model_bytes = train_sentencepiece(texts, size, model_type=t.sentencepiece_model_type)
+                (run_dir / f"{side}.spm").write_bytes(model_bytes)
+                tokenizers.append(SentencePieceTokenizer(model_bytes))
+                vocabs.append(sentencepiece_vocabulary(model_bytes))
+        else:
+            tokenizers = [WordTokenizer(lowercase=t.lowercase), WordTokenizer(lowercase=t.lowercase)]
+            vocabs = [
+                Vocabulary.build(tokenize_all(tokenizers[0], train_sources), t.source_vocab_size, t.min_count),
+                Vocabulary.build(tokenize_all(tokenizers[1], train_targets), t.target_vocab_size, t.min_count),
+            ]
+        vocabs[0].save(run_dir / "source.vocab")
+        vocabs[1].save(run_dir / "target.vocab")
+        config.save(run_dir / "config.yaml")
+        return cls(run_dir, config, *tokenizers, *vocabs)
+
+    @classmethod
+    def load(cls, run_dir):
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise DataError(f"{run_dir}: not a translation run directory (no config.yaml)")
+        config = TranslationConfig.load(run_dir / "config.yaml")
+        config.training.output_dir = str(run_dir)
+        if config.tokenization.scheme == "sentencepiece":
+            tokenizers = [SentencePieceTokenizer.load(run_dir / f"{side}.spm") for side in ("source", "target")]
+        else:
+            tokenizers = [WordTokenizer(lowercase=config.tokenization.lowercase) for _ in range(2)]
+        vocabs = [Vocabulary.load(run_dir / f"{side}.vocab") for side in ("source", "target")]
+        return cls(run_dir, config, *tokenizers, *vocabs)
+
+    def build_model(self):
+        m = self.config.model
+        return build_rnn_model(
+            len(self.source_vocab),
+            len(self.target_vocab),
+            cell_type=m.cell_type,
+            units=m.units,
+            encoder_units=m.encoder_units,
+            embedding_dim=m.embedding_dim,
+            encoder_layers=m.encoder_layers,
+            decoder_layers=m.decoder_layers,
+            bidirectional=m.bidirectional,
+            merge_mode=m.merge_mode,
+            attention=m.attention,
+            attention_score=m.attention_score,
+            attention_normalize=m.attention_normalize,
+            input_feeding=m.input_feeding,
+            tie_embeddings=m.tie_embeddings,
+            dropout=m.dropout,
+            bridge=m.bridge,
+        )
+
+    def translator(self, model, replace_unknown=False):
+        return Translator(
+            model,
+            self.source_tokenizer,
+            self.target_tokenizer,
+            self.source_vocab,
+            self.target_vocab,
+            max_source_length=self.config.data.max_source_length,
+            replace_unknown=replace_unknown,
+        )
+
+    def load_model(self, weights="best", average_last=None):
+        """The trained model: "best" weights, the "last" checkpoint, or the average of the last N checkpoints."""
+        model = self.build_model()
+        checkpoints = tf.train.get_checkpoint_state(str(self.run_dir / "checkpoints"))
+        paths = list(checkpoints.all_model_checkpoint_paths) if checkpoints else []
+        if average_last:
+            if not paths:
+                raise DataError(f"{self.run_dir}: no checkpoints to average")
+            average_checkpoints(model, paths[-average_last:])
+        elif weights == "best" and (self.run_dir / "best.weights.h5").is_file():
+            model.load_weights(self.run_dir / "best.weights.h5")
+        elif paths:
+            tf.train.Checkpoint(model=model).restore(paths[-1]).expect_partial()
+        else:
+            raise DataError(f"{self.run_dir}: no trained weights yet (no best.weights.h5 and no checkpoint)")
+        return model
+
+
+def make_batches(run, sources, targets, shuffle, report_name):
+    """PlannedBatches over the encoded pairs, after dropping over-long and empty pairs (reported)."""
+    d, b = run.config.data, run.config.batching
+    source_ids = encode_all(run.source_tokenizer, run.source_vocab, sources)
+    target_ids = encode_all(run.target_tokenizer, run.target_vocab, targets)
+    source_lengths = source_ids.row_lengths().numpy()
+    target_lengths = target_ids.row_lengths().numpy()
+    kept, dropped = filter_by_length(source_lengths, target_lengths, d.max_source_length, d.max_target_length)
+    if dropped:
+        log(
+            f"{report_name}: dropped {dropped} of {len(sources)} pairs that are empty or longer than "
+            f"{d.max_source_length} source / {d.max_target_length} target tokens"
+        )
+    if not len(kept):
+        raise DataError(f"{report_name}: no sentence pairs left to train on")
+    source_ids = tf.gather(source_ids, kept)
+    target_ids = tf.gather(target_ids, kept)
+    lengths = np.maximum(source_lengths[kept], target_lengths[kept] + 1)
+    seed = run.config.training.seed
+
+    def plan(epoch):
+        return plan_batches(
+            lengths, batch_size=b.batch_size, max_tokens=b.max_tokens, seed=seed, epoch=epoch,
+            shuffle=shuffle, bucket_width=b.bucket_width,
+        )
+
+    return sequence_batches(source_ids, target_ids, plan, pad_to_multiple=b.pad_to_multiple)
+
+
+class BleuCallback(keras.callbacks.Callback):
+    """Greedy-decodes the validation sources at each checkpoint and logs sacreBLEU as val_bleu."""
+
+    def __init__(self, translator, sources, references, batch_size=128):
+        super().__init__()
+        self.translator = translator
+        self.sources = sources
+        self.references = references
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        hypotheses = translate_lines(self.translator, self.sources, beam_size=1, batch_size=self.batch_size)
+        bleu = sacrebleu.corpus_bleu(hypotheses, [self.references]).score
+        if logs is not None:
+            logs["val_bleu"] = bleu
+        log(f"validation BLEU (greedy): {bleu:.2f}")
+
+
+def translate_lines(translate_fn, lines, beam_size=5, n_best=1, length_penalty=0.6, batch_size=64, outputs=None):
+    """Translations of `lines` (one per line, always), batched and sorted by length for speed.
+
+    `translate_fn` is a Translator or a loaded SavedModel (both have `translate`). With
+    `outputs`, every raw output dict is appended to it in input order, one per line.
+    """
+    order = sorted(range(len(lines)), key=lambda i: len(lines[i]))
+    results = [None] * len(lines)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        out = translate_fn.translate(
+            tf.constant([lines[i] for i in indices]),
+            tf.constant(beam_size),
+            tf.constant(n_best),
+            tf.constant(length_penalty, tf.float32),
+        )
+        translations = out["nbest_translations"].numpy()
+        truncated = out["source_truncated"].numpy()
+        for row, i in enumerate(indices):
+            if truncated[row]:
+                log(f"warning: line {i + 1} is longer than the maximum source length and was truncated")
+            hyps = [t.decode("utf-8") for t in translations[row]]
+            results[i] = hyps[0] if n_best == 1 else hyps
+            if outputs is not None:
+                outputs.append((i, {key: value[row] for key, value in out.items()}))
+    if outputs is not None:
+        outputs.sort(key=lambda pair: pair[0])
+    return results
+
+
+def train(config, validation_bleu=True):
+    """Trains (or resumes) the run in config.training.output_dir."""
+    run_dir = Path(config.training.output_dir)
+    set_precision(config.training.precision)
+    train_sources, train_targets = read_pairs(config, "train")
+    valid_sources, valid_targets = read_pairs(config, "valid")
+    if (run_dir / "config.yaml").is_file():
+        log(f"{run_dir} holds a run: continuing it with its saved config and vocabularies")
+        run = TranslationRun.load(run_dir)
+        run.config.training = config.training
+    else:
+        run = TranslationRun.create(config, train_sources, train_targets)
+    log(
+        f"train: {len(train_sources)} pairs; valid: {len(valid_sources)} pairs; "
+        f"vocabularies: {len(run.source_vocab)} source, {len(run.target_vocab)} target tokens"
+    )
+    batches = make_batches(run, train_sources, train_targets, shuffle=True, report_name="train")
+    validation = None
+    callbacks = []
+    if valid_sources:
+        valid_batches = make_batches(run, valid_sources, valid_targets, shuffle=False, report_name="valid")
+        validation = valid_batches.epoch_dataset(0)
+    model = run.build_model()
+    log(f"model: {model.count_params():,} parameters")
+    if valid_sources and validation_bleu:
+        callbacks.append(BleuCallback(run.translator(model), valid_sources, valid_targets))
+    trainer = Trainer(model, run.config.training)
+    trainer.fit(batches, validation=validation, callbacks=callbacks)
+    return run, model
+
+
+def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unknown=False):
+    """Writes a SavedModel with `serving_default` (texts -> translations, scores; beam search
+    inside) and `translate` (texts, beam_size, n_best, length_penalty -> everything)."""
+    translator = run.translator(model, replace_unknown=replace_unknown)
+    export_dir = Path(export_dir)
+    if export_dir.exists() and any(export_dir.iterdir()):
+        raise DataError(f"{export_dir} exists and is not empty; choose a new version number")
+    signatures = {
+        "serving_default": translator.serving_function(beam_size, length_penalty),
+        "translate": translator.translate,
+    }
+    tf.saved_model.save(translator, str(export_dir), signatures=signatures)
+    (export_dir / "assets.extra").mkdir(exist_ok=True)
+    run.config.save(export_dir / "assets.extra" / "config.yaml")
+    return export_dir
+
+
+def next_version(model_dir):
+    """The next free integer version folder under a TF Serving model directory."""
+    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def corpus_scores(hypotheses, references):
+    """sacreBLEU (cased, 13a) and chrF with their signatures."""
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    bleu_score = bleu.corpus_score(hypotheses, [references])
+    chrf_score = chrf.corpus_score(hypotheses, [references])
+    return {
+        "bleu": round(bleu_score.score, 2),
+        "chrf": round(chrf_score.score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+        "bleu_detail": str(bleu_score),
+        "sentences": len(hypotheses),
+    }
+

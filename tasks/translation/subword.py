@@ -1,0 +1,76 @@
+"""SentencePiece subwords, trained by our `train` command, applied inside the TF graph.
+
+Tokenizing needs the SentencePiece op from tensorflow-text (TF Serving builds that include
+tensorflow-text ops load it); detokenizing is plain string ops: pieces are joined and the
+word-boundary mark becomes a space.
+"""
+
+import io
+from pathlib import Path
+
+import tensorflow as tf
+
+from seq2seq.text import RESERVED_TOKENS, DataError, Vocabulary
+
+WORD_BOUNDARY = "\u2581"
+
+
+def train_sentencepiece(texts, vocab_size, model_type="unigram", character_coverage=1.0, seed_sentences=2_000_000):
+    """Trains a SentencePiece model on `texts` and returns its serialized bytes."""
+    import sentencepiece
+
+    if not texts:
+        raise DataError("cannot train a SentencePiece model on no text")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(t for t in texts if t.strip()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=seed_sentences,
+        shuffle_input_sentence=True,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def sentencepiece_vocabulary(model_bytes):
+    """Our Vocabulary (reserved tokens first) over the pieces of a SentencePiece model."""
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    reserved = set(RESERVED_TOKENS) | {"<unk>", "<s>", "</s>"}
+    return Vocabulary(list(RESERVED_TOKENS) + [p for p in pieces if p not in reserved])
+
+
+class SentencePieceTokenizer(tf.Module):
+    """Splits text into SentencePiece pieces (strings) and joins pieces back into text."""
+
+    def __init__(self, model_bytes, name=None):
+        super().__init__(name=name)
+        import tensorflow_text
+
+        self.model_bytes = model_bytes
+        self._tokenizer = tensorflow_text.SentencepieceTokenizer(model=model_bytes, out_type=tf.string)
+
+    @classmethod
+    def load(cls, path):
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: SentencePiece model not found")
+        return cls(path.read_bytes())
+
+    def save(self, path):
+        Path(path).write_bytes(self.model_bytes)
+
+    def tokenize(self, texts):
+        """Strings [N] -> ragged string pieces [N, None]."""
+        return self._tokenizer.tokenize(tf.convert_to_tensor(texts, tf.string))
+
+    def detokenize(self, tokens):
+        """Ragged string pieces [N, None] -> strings [N]."""
+        joined = tf.strings.reduce_join(tokens, axis=1)
+        return tf.strings.strip(tf.strings.regex_replace(joined, WORD_BOUNDARY, " "))

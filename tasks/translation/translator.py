@@ -1,0 +1,122 @@
+"""Strings in, strings out: tokenization, the model and beam search in one TF graph.
+
+`Translator` is a `tf.Module` whose `translate` function is what the CLI calls in-process
+and what `export` writes into the SavedModel, so both run the very same graph.
+"""
+
+import tensorflow as tf
+
+from seq2seq.decoding import max_length_from_source
+from seq2seq.text import PAD_ID, UNK
+
+TEXT_SPEC = tf.TensorSpec([None], tf.string, name="texts")
+
+
+class Translator(tf.Module):
+    """Translates a batch of raw sentences with a trained Seq2SeqModel.
+
+    Sources longer than `max_source_length` tokens are truncated (the output says which).
+    Empty or whitespace-only sources give an empty translation with score 0. With
+    `replace_unknown`, every unknown output token becomes the source token with the
+    highest attention weight at that step (Luong et al., 2015, "Addressing the Rare Word
+    Problem in Neural Machine Translation").
+    """
+
+    def __init__(
+        self,
+        model,
+        source_tokenizer,
+        target_tokenizer,
+        source_vocab,
+        target_vocab,
+        max_source_length=100,
+        length_ratio=2.0,
+        length_offset=10,
+        replace_unknown=False,
+        name=None,
+    ):
+        super().__init__(name=name)
+        self.model = model
+        # Keras 3 keeps nested layer lists out of TF's object graph; listing the backing
+        # tf.Variables here makes every weight part of the SavedModel.
+        self.model_variables = [variable.value for variable in model.variables]
+        self.source_tokenizer = source_tokenizer
+        self.target_tokenizer = target_tokenizer
+        self.source_vocab = source_vocab
+        self.target_vocab = target_vocab
+        self.max_source_length = max_source_length
+        self.length_ratio = length_ratio
+        self.length_offset = length_offset
+        self.replace_unknown = replace_unknown
+
+    @tf.function(
+        input_signature=[
+            TEXT_SPEC,
+            tf.TensorSpec([], tf.int32, name="beam_size"),
+            tf.TensorSpec([], tf.int32, name="n_best"),
+            tf.TensorSpec([], tf.float32, name="length_penalty"),
+        ]
+    )
+    def translate(self, texts, beam_size, n_best, length_penalty):
+        """texts [N] -> dict of translations [N], scores [N], nbest_translations [N, n_best],
+        nbest_scores [N, n_best], source_tokens [N, S], target_tokens [N, T],
+        attention [N, T, S] (of the best hypothesis) and source_truncated [N] bool.
+        beam_size 1 runs greedy search."""
+        source_tokens = self.source_tokenizer.tokenize(texts)  # ragged [N, None]
+        truncated = source_tokens.row_lengths() > self.max_source_length
+        source_tokens = source_tokens[:, : self.max_source_length]
+        source_ids = self.source_vocab.lookup_ids(source_tokens).to_tensor(PAD_ID)  # [N, S]
+        source_lengths = tf.cast(source_tokens.row_lengths(), tf.int32)
+        max_length = max_length_from_source(source_lengths, self.length_ratio, self.length_offset)
+
+        def greedy():
+            return tuple(self.model.generate(source_ids, search="greedy", max_length=max_length))
+
+        def beam():
+            return tuple(
+                self.model.generate(
+                    source_ids, search="beam", max_length=max_length, beam_size=beam_size,
+                    n_best=n_best, length_penalty=length_penalty,
+                )
+            )
+
+        ids, lengths, scores, _, attention = tf.cond(beam_size > 1, beam, greedy)
+        batch_size = tf.shape(ids)[0]
+        hypotheses = tf.shape(ids)[1]
+        flat_ids = tf.reshape(ids, [batch_size * hypotheses, -1])  # [N*H, T]
+        flat_lengths = tf.reshape(lengths, [-1])
+        target_tokens = self.target_vocab.lookup_tokens(flat_ids)  # [N*H, T]
+        if self.replace_unknown:
+            flat_attention = tf.reshape(attention, [batch_size * hypotheses, tf.shape(ids)[2], -1])
+            aligned = tf.argmax(flat_attention, axis=-1, output_type=tf.int32)  # [N*H, T]
+            dense_source = tf.repeat(source_tokens.to_tensor(""), hypotheses, axis=0)  # [N*H, S]
+            aligned_tokens = tf.gather(dense_source, aligned, batch_dims=1)
+            target_tokens = tf.where(tf.equal(target_tokens, UNK), aligned_tokens, target_tokens)
+        ragged = tf.RaggedTensor.from_tensor(target_tokens, lengths=flat_lengths)
+        nbest = tf.reshape(self.target_tokenizer.detokenize(ragged), [batch_size, hypotheses])
+        empty = tf.equal(source_lengths, 0)[:, None]  # [N, 1]
+        nbest = tf.where(empty, "", nbest)
+        scores = tf.where(empty, 0.0, scores)
+        best_length = lengths[:, 0]
+        best_tokens = tf.reshape(target_tokens, [batch_size, hypotheses, -1])[:, 0]
+        position = tf.range(tf.shape(best_tokens)[1])[None]
+        return {
+            "translations": nbest[:, 0],
+            "scores": scores[:, 0],
+            "nbest_translations": nbest,
+            "nbest_scores": scores,
+            "source_tokens": source_tokens.to_tensor(""),
+            "target_tokens": tf.where(position < best_length[:, None], best_tokens, ""),
+            "attention": attention[:, 0],
+            "source_truncated": truncated,
+        }
+
+    def serving_function(self, beam_size=5, length_penalty=0.6):
+        """The `serving_default` signature: texts [N] -> translations [N] and scores [N]."""
+
+        @tf.function(input_signature=[TEXT_SPEC])
+        def serve(texts):
+            outputs = self.translate(texts, tf.constant(beam_size), tf.constant(1), tf.constant(length_penalty))
+            return {"translations": outputs["translations"], "scores": outputs["scores"]}
+
+        return serve
