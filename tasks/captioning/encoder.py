@@ -105,6 +105,8 @@ class FeatureEncoder(keras.layers.Layer):
 
     def __init__(self, units=256, activation="relu", dropout=0.0, **kwargs):
         super().__init__(**kwargs)
+        if not isinstance(units, int) or units < 1:
+            raise ValueError(f"units must be a positive int, got {units!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if not 0.0 <= dropout < 1.0:
@@ -209,7 +211,8 @@ class ImageEncoder(keras.layers.Layer):
                 "inception_v3": keras.applications.InceptionV3,
                 "resnet50": keras.applications.ResNet50,
             }[self.backbone_name]
-            model = application(include_top=False, weights=weights if weights == "imagenet" else None, input_shape=shape)
+            imagenet = "imagenet" if weights == "imagenet" else None
+            model = application(include_top=False, weights=imagenet, input_shape=shape)
         if weights not in (None, "imagenet"):
             model.load_weights(weights)
             _finalize_normalization(model)
@@ -241,9 +244,9 @@ class ImageEncoder(keras.layers.Layer):
     def build(self, input_shape):
         """input_shape: (batch, H, W, 3) with H == W == image_size (None accepted)."""
         expected = (self.image_size, self.image_size, 3)
-        for got, want in zip(tuple(input_shape)[1:], expected):
-            if got is not None and got != want:
-                raise ValueError(f"ImageEncoder expects images of shape {expected}, got {tuple(input_shape)[1:]}")
+        got = tuple(input_shape)[1:]
+        if len(got) != 3 or any(g is not None and g != e for g, e in zip(got, expected)):
+            raise ValueError(f"ImageEncoder expects images of shape {expected}, got {got}")
         self.head.build((None, self.num_positions, self.feature_dim))
 
     def preprocess(self, images):
@@ -316,7 +319,7 @@ class ImageEncoder(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        """Builds the architecture without pretrained weights (saved weights follow), keeping `weights` in the config."""
+        """Builds without pretrained weights (the saved weights follow); `weights` stays in the config."""
         config = dict(config)
         weights = config.pop("weights", None)
         layer = cls(**config, weights=None)
@@ -353,8 +356,10 @@ def compute_features(encoder: ImageEncoder, images, batch_size: int = 32) -> np.
     """Runs the frozen backbone (with its preprocessing) once: images [N, H, W, 3] 0..255 ->
     float32 features [N, h*w, feature_dim], the input of `encoder.projection_only()`."""
     if encoder.trainable_backbone:
-        raise ValueError("compute_features needs a frozen backbone (trainable_backbone=False): cached features "
-                         "would go stale as a trainable backbone learns")
+        raise ValueError(
+            "compute_features needs a frozen backbone (trainable_backbone=False): cached features "
+            "would go stale as a trainable backbone learns"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     run = tf.function(lambda batch: encoder.backbone_features(batch, training=False))
@@ -370,8 +375,9 @@ def compute_features(encoder: ImageEncoder, images, batch_size: int = 32) -> np.
 def image_model_from_feature_model(feature_model: Seq2SeqModel, image_encoder: ImageEncoder) -> Seq2SeqModel:
     """A Seq2SeqModel on images from one trained on cached features: image_encoder's backbone, the
     feature model's projection (copied into image_encoder), decoder and bridge (copied into new layers)."""
-    decoder = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(feature_model.decoder))
-    bridge = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(feature_model.bridge))
+    # from_config, not deserialize_keras_object: the copies must be unbuilt, since model.build() builds them.
+    decoder = type(feature_model.decoder).from_config(feature_model.decoder.get_config())
+    bridge = type(feature_model.bridge).from_config(feature_model.bridge.get_config())
     model = Seq2SeqModel(
         image_encoder,
         decoder,
