@@ -36,10 +36,13 @@ class Seq2SeqModel(keras.Model):
 
     def build(self, input_shape=None):
         """Builds every weight from the configs, so a loaded model needs no sample input."""
-        self.encoder.build((None, *self.source_shape))
-        memory_dim = self.encoder.output_size
-        self.decoder.build(memory_dim)
-        self.bridge.build(self.encoder.final_state_size)
+        # Keras's loader may have built some parts already; a layer is built only once.
+        if not self.encoder.built:
+            self.encoder.build((None, *self.source_shape))
+        if not self.decoder.built:
+            self.decoder.build(self.encoder.output_size)
+        if not self.bridge.built:
+            self.bridge.build(self.encoder.final_state_size)
         self.built = True
 
     def encode(self, source, training=False):

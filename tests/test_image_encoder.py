@@ -231,29 +231,6 @@ def test_config_round_trip_gives_identical_outputs(encoders, tmp_path):
             np.testing.assert_array_equal(numpy(clone(pixels)[key]), numpy(original(pixels)[key]))
 
 
-MODEL_LOAD_BUG = (
-    "seq2seq/model.py: load_model deserializes the decoder and bridge already built (their build_config), "
-    "then Seq2SeqModel.build_from_config -> build() builds them again and Keras refuses new variables; "
-    "text models (build_rnn_model) fail the same way. Fix: build only sublayers that are not built yet."
-)
-
-
-@pytest.fixture
-def idempotent_model_build(monkeypatch):
-    """Seq2SeqModel.build with the fix for MODEL_LOAD_BUG, so the encoder's own round trip is tested."""
-
-    def build(self, input_shape=None):
-        if not self.encoder.built:
-            self.encoder.build((None, *self.source_shape))
-        if not self.decoder.built:
-            self.decoder.build(self.encoder.output_size)
-        if not self.bridge.built:
-            self.bridge.build(self.encoder.final_state_size)
-        self.built = True
-
-    monkeypatch.setattr(Seq2SeqModel, "build", build)
-
-
 def round_trip_captioning_model(tmp_path):
     keras.utils.set_random_seed(4)
     model = caption_model(ImageEncoder("small_cnn", 64, units=UNITS, name="encoder"), (64, 64, 3))
@@ -267,16 +244,11 @@ def round_trip_captioning_model(tmp_path):
     np.testing.assert_array_equal(numpy(result.ids), numpy(model.generate(inputs["source"], max_length=4).ids))
 
 
-def test_keras_file_round_trip_of_a_captioning_model(tmp_path, idempotent_model_build):
+def test_keras_file_round_trip_of_a_captioning_model(tmp_path):
     round_trip_captioning_model(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=MODEL_LOAD_BUG)
-def test_keras_file_round_trip_with_the_library_model_build(tmp_path):
-    round_trip_captioning_model(tmp_path)
-
-
-def test_cached_features_train_a_projection_that_the_image_encoder_reproduces(tmp_path, idempotent_model_build):
+def test_cached_features_train_a_projection_that_the_image_encoder_reproduces(tmp_path):
     keras.utils.set_random_seed(5)
     encoder = ImageEncoder("small_cnn", 64, units=UNITS, trainable_backbone=False)
     pixels = images(5, 64, seed=12)
