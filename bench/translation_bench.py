@@ -126,6 +126,7 @@ def main():
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-decoding", action="store_true")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"error: {DATA} not found (Multi30k is expected at ../shared/data/multi30k)")
@@ -139,7 +140,8 @@ def main():
             model = run.load_model()
         if run is None:
             sys.exit("error: --skip-training needs --run-dir")
-        bench_decoding(run, model, workdir)
+        if not args.skip_decoding:
+            bench_decoding(run, model, workdir)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {peak:,.0f} MiB")
 

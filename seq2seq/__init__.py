@@ -13,5 +13,6 @@ from seq2seq.decoding import (
 from seq2seq.encoders import Bridge, RNNEncoder
 from seq2seq.model import Seq2SeqModel, build_rnn_model
 from seq2seq.rnn import RecurrentCell
+from seq2seq.transformer import TransformerDecoder, TransformerEncoder, bridge_for, build_transformer_model
 
 __version__ = "0.1.0"

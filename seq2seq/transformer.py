@@ -1,0 +1,500 @@
+"""Pre-norm Transformer encoder and decoder (Vaswani et al., 2017) with the project's contracts.
+
+`TransformerEncoder` returns what `RNNEncoder` returns:
+
+    {"memory": [batch, src_len, units], "memory_mask": [batch, src_len] bool,
+     "final_states": [[(mean of memory over real positions,)]]}
+
+so a `Bridge(kind="dense")` can start an RNN `AttentionDecoder` from it.
+
+`TransformerDecoder` offers the step contract of `AttentionDecoder`:
+
+    context = decoder.prepare_context(memory, memory_mask)  # cross-attention keys/values, once
+    state = decoder.initial_state(bridge_state, batch_size)  # bridge_state is ignored
+    logits, state, attention = decoder.step(token_ids, state, context)
+
+The state is {"step": int32 [batch], "cache": one {"key", "value"} per layer, each
+[batch, steps_so_far, heads, head_dim]}: the self-attention key/value cache grows by one
+position per step, and every tensor has the batch first, so the searches in
+`seq2seq.decoding` tile and reorder it like any other state. The position of each row's
+next token is `state["step"]`. Stepping and the teacher-forced `call` run the same code
+(`_forward` over a block of tokens after the cached prefix), so they agree.
+
+The Transformer decoder needs no initial state from the encoder: pair it with
+`zero_bridge(units)` (a `Bridge(kind="zero")` whose output is ignored); see `bridge_for`.
+Wang et al. (2019) and Xiong et al. (2020) for pre-norm: LayerNorm before each sublayer,
+one final LayerNorm after the stack.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from seq2seq.decoders import AttentionDecoder
+from seq2seq.encoders import Bridge, RNNEncoder
+from seq2seq.model import Seq2SeqModel
+
+POSITION_KINDS = ("sinusoidal", "learned")
+_MASKED = -1e9  # added to masked attention scores (float32): exp underflows to exactly zero
+
+
+def sinusoidal_encoding(positions, dim):
+    """positions [...] int -> [..., dim] float32: sin on the first half, cos on the second
+    (tensor2tensor layout), wavelengths from 2 pi to 10000 * 2 pi."""
+    half = dim // 2
+    inverse_frequencies = ops.exp(ops.arange(half, dtype="float32") * (-math.log(10000.0) / max(half - 1, 1)))
+    angles = ops.cast(positions, "float32")[..., None] * inverse_frequencies  # [..., half]
+    return ops.concatenate([ops.sin(angles), ops.cos(angles)], axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="seq2seq")
+class PositionEmbedding(keras.layers.Layer):
+    """positions [...] int -> [..., dim]: fixed sinusoids or a learned table.
+
+    A learned table has `max_length` rows; positions beyond it reuse the last row (inside a
+    search loop an error is worse than a slightly wrong position, so choose max_length
+    at least the longest source and the longest decoding).
+    """
+
+    def __init__(self, dim, kind="sinusoidal", max_length=512, **kwargs):
+        super().__init__(**kwargs)
+        if kind not in POSITION_KINDS:
+            raise ValueError(f"positions must be one of {POSITION_KINDS}, got {kind!r}")
+        if kind == "sinusoidal" and dim % 2:
+            raise ValueError(f"sinusoidal positions need an even size, got {dim}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.dim = dim
+        self.kind = kind
+        self.max_length = max_length
+        if kind == "learned":
+            self.table = keras.layers.Embedding(max_length, dim, name="table")
+
+    def build(self, input_shape=None):
+        if self.kind == "learned":
+            self.table.build((None,))
+
+    def call(self, positions):
+        if self.kind == "learned":
+            return self.table(ops.minimum(positions, self.max_length - 1))
+        return ops.cast(sinusoidal_encoding(positions, self.dim), self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "kind": self.kind, "max_length": self.max_length}
+
+
+def _check_sizes(units, num_heads, num_layers, dropout):
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    if num_heads < 1 or units % num_heads:
+        raise ValueError(f"units ({units}) must be a positive multiple of num_heads ({num_heads})")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def _norm(name):
+    return keras.layers.LayerNormalization(epsilon=1e-6, name=name)
+
+
+@keras.saving.register_keras_serializable(package="seq2seq")
+class TransformerEncoder(keras.layers.Layer):
+    """Pre-norm Transformer encoder for token ids or pre-computed vectors.
+
+    With `vocab_size`, inputs are token ids [batch, time] (id 0 is padding, and masked);
+    without it, inputs are vectors [batch, time, dim] (e.g. image features), projected to
+    `units`, with an optional boolean mask [batch, time] (all true by default).
+    Returns the dict of `RNNEncoder`; memory vectors at padded positions are zero, and
+    padded positions change no output at real positions (they are masked as attention keys).
+    final_states is [[(mean of memory over real positions,)]]: one layer, one direction.
+    """
+
+    def __init__(
+        self,
+        units=256,
+        num_layers=6,
+        num_heads=8,
+        ffn_dim=None,
+        dropout=0.1,
+        positions="sinusoidal",
+        max_length=512,
+        vocab_size=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_sizes(units, num_heads, num_layers, dropout)
+        self.units = units
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.ffn_dim = ffn_dim or 4 * units
+        self.dropout = dropout
+        self.positions = positions
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        self.supports_masking = True
+        if vocab_size:
+            self.embedding = keras.layers.Embedding(vocab_size, units, name="embedding")
+        else:
+            self.input_projection = keras.layers.Dense(units, name="input_projection")
+        self.position_embedding = PositionEmbedding(units, positions, max_length, name="positions")
+        self.attention_norms = [_norm(f"layer{i}_attention_norm") for i in range(num_layers)]
+        self.attentions = [
+            keras.layers.MultiHeadAttention(num_heads, units // num_heads, dropout=dropout, name=f"layer{i}_attention")
+            for i in range(num_layers)
+        ]
+        self.ffn_norms = [_norm(f"layer{i}_ffn_norm") for i in range(num_layers)]
+        self.ffn_inner = [
+            keras.layers.Dense(self.ffn_dim, activation="relu", name=f"layer{i}_ffn_inner") for i in range(num_layers)
+        ]
+        self.ffn_outer = [keras.layers.Dense(units, name=f"layer{i}_ffn_outer") for i in range(num_layers)]
+        self.final_norm = _norm("final_norm")
+        self.dropout_layer = keras.layers.Dropout(dropout)
+
+    @property
+    def model_dim(self):
+        return self.units
+
+    @property
+    def output_size(self):
+        return self.units
+
+    @property
+    def final_state_size(self):
+        """Size of the one final state part (the mean memory vector), for a Bridge."""
+        return self.units
+
+    def build(self, input_shape):
+        d = self.units
+        if self.vocab_size:
+            self.embedding.build(input_shape)
+        else:
+            self.input_projection.build((None, None, input_shape[-1]))
+        self.position_embedding.build()
+        for i in range(self.num_layers):
+            self.attention_norms[i].build((None, None, d))
+            self.attentions[i].build((None, None, d), (None, None, d))
+            self.ffn_norms[i].build((None, None, d))
+            self.ffn_inner[i].build((None, None, d))
+            self.ffn_outer[i].build((None, None, self.ffn_dim))
+        self.final_norm.build((None, None, d))
+
+    def call(self, inputs, mask=None, training=False):
+        if self.vocab_size:
+            if mask is None:
+                mask = ops.not_equal(inputs, 0)
+            x = self.embedding(inputs) * ops.cast(math.sqrt(self.units), self.compute_dtype)
+        else:
+            x = self.input_projection(inputs)
+            if mask is None:
+                mask = ops.ones(ops.shape(x)[:2], dtype="bool")
+        mask = ops.cast(mask, "bool")  # [batch, src_len]
+        length = ops.shape(x)[1]
+        x = x + self.position_embedding(ops.arange(length))[None]
+        x = self.dropout_layer(x, training=training)
+        # Every query sees the real keys only: [batch, src_len (queries), src_len (keys)].
+        attention_mask = ops.logical_and(mask[:, None, :], ops.ones_like(mask)[:, :, None])
+        for i in range(self.num_layers):
+            h = self.attention_norms[i](x)
+            h = self.attentions[i](h, h, attention_mask=attention_mask, training=training)
+            x = x + self.dropout_layer(h, training=training)
+            h = self.ffn_outer[i](self.dropout_layer(self.ffn_inner[i](self.ffn_norms[i](x)), training=training))
+            x = x + self.dropout_layer(h, training=training)
+        real = ops.cast(mask, x.dtype)[:, :, None]  # [batch, src_len, 1]
+        memory = self.final_norm(x) * real
+        mean = ops.sum(memory, axis=1) / ops.maximum(ops.sum(real, axis=1), 1.0)  # [batch, units]
+        return {"memory": memory, "memory_mask": mask, "final_states": [[(mean,)]]}
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "ffn_dim": self.ffn_dim,
+            "dropout": self.dropout,
+            "positions": self.positions,
+            "max_length": self.max_length,
+            "vocab_size": self.vocab_size,
+        }
+
+
+@keras.saving.register_keras_serializable(package="seq2seq")
+class TransformerDecoder(keras.layers.Layer):
+    """Pre-norm Transformer decoder: causal self-attention, cross-attention, feed-forward.
+
+    The step state carries a growing self-attention key/value cache (see the module
+    docstring). The returned attention is the cross-attention of layer `alignment_layer`
+    (a Python index, -1 = the last layer), averaged over heads: float32 [batch, src_len]
+    per step, zero on masked memory positions. `tie_embeddings` reuses the (unscaled)
+    embedding matrix as the output projection (Press and Wolf, 2017). Logits are float32.
+
+    The attention sublayers are `keras.layers.MultiHeadAttention`, used for their
+    projections (`query_dense`, `key_dense`, `value_dense`, `output_dense`) so that keys
+    and values can be cached; the scores are computed here.
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        units=256,
+        num_layers=6,
+        num_heads=8,
+        ffn_dim=None,
+        dropout=0.1,
+        positions="sinusoidal",
+        max_length=512,
+        tie_embeddings=False,
+        alignment_layer=-1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_sizes(units, num_heads, num_layers, dropout)
+        if not -num_layers <= alignment_layer < num_layers:
+            raise ValueError(f"alignment_layer must index one of the {num_layers} layers, got {alignment_layer}")
+        self.vocab_size = vocab_size
+        self.units = units
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.head_dim = units // num_heads
+        self.ffn_dim = ffn_dim or 4 * units
+        self.dropout = dropout
+        self.positions = positions
+        self.max_length = max_length
+        self.tie_embeddings = tie_embeddings
+        self.alignment_layer = alignment_layer
+        self.embedding = keras.layers.Embedding(vocab_size, units, name="embedding")
+        self.position_embedding = PositionEmbedding(units, positions, max_length, name="positions")
+        n, h, k = num_layers, num_heads, self.head_dim
+        self.self_attention_norms = [_norm(f"layer{i}_self_attention_norm") for i in range(n)]
+        self.self_attentions = [keras.layers.MultiHeadAttention(h, k, name=f"layer{i}_self_attention") for i in range(n)]
+        self.cross_attention_norms = [_norm(f"layer{i}_cross_attention_norm") for i in range(n)]
+        self.cross_attentions = [keras.layers.MultiHeadAttention(h, k, name=f"layer{i}_cross_attention") for i in range(n)]
+        self.ffn_norms = [_norm(f"layer{i}_ffn_norm") for i in range(n)]
+        self.ffn_inner = [keras.layers.Dense(self.ffn_dim, activation="relu", name=f"layer{i}_ffn_inner") for i in range(n)]
+        self.ffn_outer = [keras.layers.Dense(units, name=f"layer{i}_ffn_outer") for i in range(n)]
+        self.final_norm = _norm("final_norm")
+        if not tie_embeddings:
+            self.output_layer = keras.layers.Dense(vocab_size, name="output_layer")
+        self.dropout_layer = keras.layers.Dropout(dropout)
+
+    @property
+    def model_dim(self):
+        return self.units
+
+    def build(self, memory_dim):
+        """memory_dim: the size of the encoder memory vectors (any size: cross-attention projects it)."""
+        d = self.units
+        self.embedding.build((None, None))
+        self.position_embedding.build()
+        for i in range(self.num_layers):
+            self.self_attention_norms[i].build((None, None, d))
+            self.self_attentions[i].build((None, None, d), (None, None, d))
+            self.cross_attention_norms[i].build((None, None, d))
+            self.cross_attentions[i].build((None, None, d), (None, None, memory_dim))
+            self.ffn_norms[i].build((None, None, d))
+            self.ffn_inner[i].build((None, None, d))
+            self.ffn_outer[i].build((None, None, self.ffn_dim))
+        self.final_norm.build((None, None, d))
+        if self.tie_embeddings:
+            self.output_bias = self.add_weight(name="output_bias", shape=(self.vocab_size,), initializer="zeros")
+        else:
+            self.output_layer.build((None, None, d))
+
+    def prepare_context(self, memory, memory_mask):
+        """Memory, its mask and every layer's cross-attention keys and values
+        ([batch, src_len, heads, head_dim]), computed once per source batch."""
+        return {
+            "memory": memory,
+            "memory_mask": ops.cast(memory_mask, "bool"),
+            "cross": tuple(
+                {"key": attention.key_dense(memory), "value": attention.value_dense(memory)}
+                for attention in self.cross_attentions
+            ),
+        }
+
+    def initial_state(self, cell_states, batch_size, dtype=None):
+        """An empty cache at step 0. cell_states (from a Bridge) are accepted and ignored."""
+        dtype = dtype or self.compute_dtype
+        empty = ops.zeros((batch_size, 0, self.num_heads, self.head_dim), dtype=dtype)
+        return {
+            "step": ops.zeros((batch_size,), dtype="int32"),
+            "cache": tuple({"key": empty, "value": empty} for _ in range(self.num_layers)),
+        }
+
+    def step(self, token_ids, state, context):
+        """token_ids [batch] -> (logits [batch, vocab] float32, new state, attention [batch, src_len])."""
+        logits, state, attention = self._forward(token_ids[:, None], state, context, training=False)
+        return logits[:, 0], state, attention[:, 0]
+
+    def call(self, target_in, state, context, training=False):
+        """Teacher forcing: target_in [batch, time] -> (logits [batch, time, vocab] float32,
+        attention [batch, time, src_len] float32). `state` is usually `initial_state(...)`;
+        a state with a cached prefix continues after it."""
+        logits, _, attention = self._forward(target_in, state, context, training=training)
+        return logits, attention
+
+    def _forward(self, tokens, state, context, training):
+        """tokens [batch, time] after the cached prefix -> logits, new state, attention."""
+        time = tf.shape(tokens)[1]
+        past = tf.shape(state["cache"][0]["key"])[1]
+        positions = state["step"][:, None] + tf.range(time)[None, :]  # [batch, time]
+        x = self.embedding(tokens) * ops.cast(math.sqrt(self.units), self.compute_dtype)
+        x = self.dropout_layer(x + self.position_embedding(positions), training=training)
+        # Query i (absolute position past + i) sees keys 0 .. past + i: [1, time, past + time].
+        causal = (tf.range(past + time)[None, :] <= past + tf.range(time)[:, None])[None]
+        memory_mask = context["memory_mask"][:, None, :]  # [batch, 1, src_len]
+        new_cache = []
+        alignment = None
+        for i in range(self.num_layers):
+            self_attention = self.self_attentions[i]
+            h = self.self_attention_norms[i](x)
+            cache = state["cache"][i]
+            key = ops.concatenate([ops.cast(cache["key"], h.dtype), self_attention.key_dense(h)], axis=1)
+            value = ops.concatenate([ops.cast(cache["value"], h.dtype), self_attention.value_dense(h)], axis=1)
+            new_cache.append({"key": key, "value": value})
+            h, _ = self._attend(self_attention, h, key, value, causal, training)
+            x = x + self.dropout_layer(h, training=training)
+
+            cross = context["cross"][i]
+            h = self.cross_attention_norms[i](x)
+            h, weights = self._attend(self.cross_attentions[i], h, cross["key"], cross["value"], memory_mask, training)
+            if i == self.alignment_layer % self.num_layers:
+                alignment = ops.mean(weights, axis=1)  # [batch, time, src_len]
+            x = x + self.dropout_layer(h, training=training)
+
+            h = self.ffn_outer[i](self.dropout_layer(self.ffn_inner[i](self.ffn_norms[i](x)), training=training))
+            x = x + self.dropout_layer(h, training=training)
+        new_state = {"step": state["step"] + time, "cache": tuple(new_cache)}
+        return self._logits(self.final_norm(x)), new_state, alignment
+
+    def _attend(self, attention, x, key, value, mask, training):
+        """Scaled dot-product attention with the projections of a MultiHeadAttention layer.
+
+        x [batch, time, units]; key, value [batch, keys, heads, head_dim]; mask broadcastable
+        to [batch, time, keys]. Returns the output [batch, time, units] and the weights
+        [batch, heads, time, keys] in float32 (exactly zero where masked).
+        """
+        query = attention.query_dense(x) * ops.cast(1.0 / math.sqrt(self.head_dim), x.dtype)
+        scores = ops.cast(ops.einsum("bthd,bshd->bhts", query, ops.cast(key, query.dtype)), "float32")
+        scores = ops.where(mask[:, None], scores, _MASKED)  # [batch, heads, time, keys]
+        weights = tf.nn.softmax(scores, axis=-1)
+        dropped = self.dropout_layer(weights, training=training)
+        output = ops.einsum("bhts,bshd->bthd", ops.cast(dropped, x.dtype), ops.cast(value, x.dtype))
+        return attention.output_dense(output), weights
+
+    def _logits(self, x):
+        if self.tie_embeddings:
+            matrix = ops.cast(self.embedding.embeddings, x.dtype)
+            logits = ops.matmul(x, ops.transpose(matrix)) + ops.cast(self.output_bias, x.dtype)
+        else:
+            logits = self.output_layer(x)
+        return ops.cast(logits, "float32")
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "units": self.units,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "ffn_dim": self.ffn_dim,
+            "dropout": self.dropout,
+            "positions": self.positions,
+            "max_length": self.max_length,
+            "tie_embeddings": self.tie_embeddings,
+            "alignment_layer": self.alignment_layer,
+        }
+
+
+def zero_bridge(units, name="bridge"):
+    """The Bridge for a TransformerDecoder: it ignores the bridge state, so any zero state does
+    (one GRU-shaped zero tensor; no weights)."""
+    return Bridge("gru", units, 1, kind="zero", name=name)
+
+
+def bridge_for(decoder, kind="dense", name="bridge"):
+    """A Bridge that fits `decoder`: `zero_bridge` for a TransformerDecoder, otherwise
+    Bridge(decoder.cell_type, decoder.units, decoder.num_layers, kind)."""
+    if isinstance(decoder, TransformerDecoder):
+        return zero_bridge(decoder.units, name=name)
+    return Bridge(decoder.cell_type, decoder.units, decoder.num_layers, kind=kind, name=name)
+
+
+ENCODER_TYPES = ("transformer", "rnn")
+DECODER_TYPES = ("transformer", "rnn")
+
+
+def build_transformer_model(
+    source_vocab_size,
+    target_vocab_size,
+    num_layers=6,
+    encoder_layers=None,
+    decoder_layers=None,
+    units=512,
+    num_heads=8,
+    ffn_dim=None,
+    dropout=0.1,
+    positions="sinusoidal",
+    max_length=512,
+    tie_embeddings=False,
+    alignment_layer=-1,
+    source_dim=None,
+    encoder_type="transformer",
+    decoder_type="transformer",
+    cell_type="lstm",
+    rnn_units=None,
+    bidirectional=True,
+    attention="luong",
+    bridge="dense",
+    start_id=2,
+    end_id=3,
+):
+    """A built Seq2SeqModel with a Transformer encoder and/or decoder.
+
+    source_vocab_size: token-id sources; or None with `source_dim` for vector sources
+    [batch, time, source_dim] (all positions real). encoder_layers / decoder_layers default
+    to num_layers. encoder_type="rnn" puts an RNNEncoder (cell_type, rnn_units or units,
+    bidirectional) before a Transformer decoder; decoder_type="rnn" puts an AttentionDecoder
+    (cell_type, rnn_units or units, `attention`) after a Transformer encoder, started from
+    the mean memory vector through Bridge(kind=bridge). A Transformer decoder gets `zero_bridge`.
+    """
+    if encoder_type not in ENCODER_TYPES:
+        raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}")
+    if decoder_type not in DECODER_TYPES:
+        raise ValueError(f"decoder_type must be one of {DECODER_TYPES}, got {decoder_type!r}")
+    if source_vocab_size is None and not source_dim:
+        raise ValueError("give source_vocab_size for token sources or source_dim for vector sources")
+    encoder_layers = encoder_layers or num_layers
+    decoder_layers = decoder_layers or num_layers
+    rnn_units = rnn_units or units
+    if encoder_type == "transformer":
+        encoder = TransformerEncoder(
+            units=units, num_layers=encoder_layers, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
+            positions=positions, max_length=max_length, vocab_size=source_vocab_size, name="encoder",
+        )
+    else:
+        encoder = RNNEncoder(
+            cell_type=cell_type, units=rnn_units, num_layers=encoder_layers, bidirectional=bidirectional,
+            dropout=dropout, vocab_size=source_vocab_size, name="encoder",
+        )
+    if decoder_type == "transformer":
+        decoder = TransformerDecoder(
+            target_vocab_size, units=units, num_layers=decoder_layers, num_heads=num_heads, ffn_dim=ffn_dim,
+            dropout=dropout, positions=positions, max_length=max_length, tie_embeddings=tie_embeddings,
+            alignment_layer=alignment_layer, name="decoder",
+        )
+    else:
+        decoder = AttentionDecoder(
+            target_vocab_size, cell_type=cell_type, units=rnn_units, num_layers=decoder_layers, attention=attention,
+            tie_embeddings=tie_embeddings, dropout=dropout, name="decoder",
+        )
+    source_shape = (None,) if source_vocab_size is not None else (None, source_dim)
+    model = Seq2SeqModel(
+        encoder, decoder, bridge_for(decoder, kind=bridge), source_shape=source_shape, start_id=start_id, end_id=end_id
+    )
+    model.build()
+    return model
