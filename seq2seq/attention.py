@@ -55,6 +55,8 @@ class BahdanauAttention(keras.layers.Layer):
 
     def prepare_keys(self, memory):
         """memory [batch, src_len, dim] -> keys [batch, src_len, units]."""
+        if not self.built:
+            self.build((None, self.units), memory.shape)
         return self.memory_layer(memory)
 
     def call(self, query, keys, memory, mask):

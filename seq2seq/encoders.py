@@ -139,8 +139,9 @@ class RNNEncoder(keras.layers.Layer):
 class Bridge(keras.layers.Layer):
     """Maps encoder final states to a decoder's initial state.
 
-    kind="dense": each decoder layer takes the encoder layer at the same depth from the top
-    (the top encoder layer when the decoder has more layers), concatenates the directions of
+    kind="dense": decoder and encoder layers are aligned at the top (the top decoder layer
+    takes the top encoder layer, and so on down; decoder layers below the bottom encoder
+    layer take the bottom one), concatenates the directions of
     each state part and projects it to the decoder size (tanh for h, linear for c). This
     handles bidirectional to unidirectional, different sizes, different layer counts and
     different cell types (an LSTM decoder after a GRU encoder gets its c from h).
