@@ -163,12 +163,15 @@ class AttentionDecoder(keras.layers.Layer):
             output_dropout = self._dropout_mask(shape, dtype)
             if self.num_layers > 1:
                 layer_dropout = self._dropout_mask((num_steps, self.num_layers - 1, batch_size, self.units), dtype)
+        # Per-step inputs are read from a TensorArray: its gradient is one slice per step,
+        # where indexing the whole tensor would send back a full-size gradient every step.
+        projected = tf.TensorArray(projected.dtype, size=num_steps).unstack(projected)
         attentionals = tf.TensorArray(projected.dtype, size=num_steps, element_shape=tf.TensorShape([None, self.units]))
         all_weights = tf.TensorArray(tf.float32, size=num_steps, element_shape=tf.TensorShape([None, None]))
 
         def body(t, state, attentionals, all_weights):
             attentional, state, weights = self._recurrence(
-                projected[t],
+                projected.read(t),
                 state,
                 context,
                 layer_dropout=None if layer_dropout is None else layer_dropout[t],

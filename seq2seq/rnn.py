@@ -111,13 +111,15 @@ def run_cell(cell, projected, mask, initial_state, reverse=False):
         projected = tf.reverse_sequence(projected, lengths, seq_axis=1, batch_axis=0)
     num_steps = tf.shape(projected)[1]
     step_mask = tf.transpose(tf.sequence_mask(lengths, num_steps), [1, 0])  # [time, batch]
-    inputs = tf.transpose(projected, [1, 0, 2])  # [time, batch, gates*units]
+    # A TensorArray (not `tensor[t]`) so that the gradient of each step's read is that step's
+    # slice only, rather than a full [time, batch, gates*units] tensor per step.
+    inputs = tf.TensorArray(projected.dtype, size=num_steps).unstack(tf.transpose(projected, [1, 0, 2]))
     outputs = tf.TensorArray(
         projected.dtype, size=num_steps, element_shape=tf.TensorShape([None, cell.units])
     )
 
     def body(t, state, outputs):
-        output, new_state = cell.step(inputs[t], state)
+        output, new_state = cell.step(inputs.read(t), state)
         keep = step_mask[t][:, None]  # [batch, 1]
         new_state = tuple(tf.where(keep, n, s) for n, s in zip(new_state, state))
         return t + 1, new_state, outputs.write(t, tf.where(keep, output, tf.zeros_like(output)))
