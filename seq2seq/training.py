@@ -8,17 +8,25 @@ the same weights as a run that was never interrupted.
 A Keras "epoch" here is a checkpoint interval of `steps_per_checkpoint` optimizer steps:
 at its end the validation loss is computed, a checkpoint (model, optimizer, step, early
 stopping state) is written, and early stopping decides whether to go on.
+
+Under a `tf.distribute` strategy (`TrainingConfig.distribution`, see `seq2seq.distribute`)
+the batch size is the global batch, split over the replicas; only the chief writes the
+output dir, and every worker restores from the chief's checkpoints.
 """
 
 import dataclasses
 import json
 import math
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from seq2seq import distribute
 from seq2seq.losses import MaskedCrossEntropy, WarmupDecay
 
 PRECISIONS = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -51,8 +59,11 @@ class TrainingConfig:
     jit_compile: bool = False
     tensorboard: bool = True
     verbose: int = 1
+    distribution: str = "none"
 
     def __post_init__(self):
+        if self.distribution not in distribute.STRATEGIES:
+            raise ValueError(f"distribution must be one of {list(distribute.STRATEGIES)}, got {self.distribution!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1 and not self.max_steps:
@@ -96,13 +107,27 @@ class PlannedBatches:
             epoch += 1
         return epoch, step
 
-    def epoch_dataset(self, epoch=0):
-        """The batches of one epoch, once (e.g. for validation with an unshuffled plan)."""
+    def epoch_dataset(self, epoch=0, input_context=None):
+        """The batches of one epoch, once (e.g. for validation with an unshuffled plan).
+
+        With a `tf.distribute.InputContext`, this input pipeline's replica slices of every
+        batch instead (see `stream`)."""
+        if input_context is not None:
+            slices = [s for batch in self.plan(epoch) for s in _replica_elements(batch, input_context)]
+            # A known length, as without a strategy: Keras then knows when an evaluation ends.
+            return self._per_replica_dataset(lambda: iter(slices)).apply(
+                tf.data.experimental.assert_cardinality(len(slices))
+            )
         plan = tf.ragged.constant([list(batch) for batch in self.plan(epoch)], dtype=tf.int64)
         return tf.data.Dataset.from_tensor_slices(plan).map(self.make_batch).prefetch(tf.data.AUTOTUNE)
 
-    def stream(self, start_step):
-        """An endless tf.data stream of batches from global step `start_step` on."""
+    def stream(self, start_step, input_context=None):
+        """An endless tf.data stream of batches from global step `start_step` on.
+
+        With a `tf.distribute.InputContext` (from `strategy.distribute_datasets_from_function`),
+        the batches of the plan are global batches: this input pipeline makes only its own
+        replicas' slices of each (`seq2seq.distribute.replica_slices`), one element per replica
+        and step, so the workers together train on exactly the batches of one worker."""
         start_epoch, start_batch = self.position(start_step)
 
         def indices():
@@ -110,14 +135,49 @@ class PlannedBatches:
             while True:
                 plan = self.plan(epoch)
                 for index in plan[batch:]:
-                    yield np.asarray(index, dtype=np.int64)
+                    if input_context is None:
+                        yield np.asarray(index, dtype=np.int64)
+                    else:
+                        yield from _replica_elements(index, input_context)
                 self._plans.pop(epoch, None)
                 epoch, batch = epoch + 1, 0
 
+        if input_context is not None:
+            return self._per_replica_dataset(indices)
         dataset = tf.data.Dataset.from_generator(indices, output_signature=tf.TensorSpec([None], tf.int64))
         return dataset.map(self.make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
             tf.data.AUTOTUNE
         )
+
+    def _per_replica_dataset(self, elements):
+        """Batches of the (indices, real) pairs `elements()` yields, one per replica, sharded by
+        hand (auto-shard OFF). A stand-in batch (real False) gets all-padding targets."""
+
+        def make_batch(indices, real):
+            inputs, targets = self.make_batch(indices)
+            return inputs, tf.nest.map_structure(lambda t: t * tf.cast(real, t.dtype), targets)
+
+        signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.bool))
+        dataset = tf.data.Dataset.from_generator(elements, output_signature=signature)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = dataset.with_options(options)
+        return dataset.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
+            tf.data.AUTOTUNE
+        )
+
+
+def _replica_elements(batch, input_context):
+    """(indices, real) for each of this input pipeline's replica slices of a global batch.
+
+    A replica left without examples (fewer examples than replicas, e.g. a max_tokens batch of
+    one long sentence) gets the batch's first example with its targets masked out: it adds
+    nothing to the loss or the gradients, and no replica computes on an empty batch."""
+    for piece in distribute.replica_slices(batch, input_context):
+        if len(piece):
+            yield piece, True
+        else:
+            yield np.asarray(batch[:1], dtype=np.int64), False
 
 
 class _CheckpointAndStop(keras.callbacks.Callback):
@@ -168,35 +228,79 @@ class _CheckpointAndStop(keras.callbacks.Callback):
 
 class Trainer:
     """Compiles, restores and fits a model; `fit` can be called again on the same output
-    dir after any interruption and continues where the last checkpoint left off."""
+    dir after any interruption and continues where the last checkpoint left off.
 
-    def __init__(self, model, config: TrainingConfig):
+    With a `tf.distribute` strategy (given, or the one whose scope is active), the model must
+    have been built under `strategy.scope()`; the optimizer, loss, metrics and checkpoint
+    variables are created under it here. The chief writes `output_dir`; other workers write
+    to a temporary dir (`write_dir`) and restore from the chief's checkpoints.
+    """
+
+    def __init__(self, model, config: TrainingConfig, strategy=None):
         self.model = model
         self.config = config
+        if strategy is None and tf.distribute.has_strategy():
+            strategy = tf.distribute.get_strategy()
+        self.strategy = strategy
+        self.chief = distribute.is_chief(strategy)
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.write_dir = self.output_dir
+        if not self.chief:
+            task_type, task_id = distribute.worker_id(strategy)
+            self.write_dir = Path(tempfile.mkdtemp(prefix=f"seq2seq-{task_type}{task_id}-"))
+            weakref.finalize(self, shutil.rmtree, str(self.write_dir), ignore_errors=True)
         self.schedule = WarmupDecay(
             config.learning_rate,
             warmup_steps=config.warmup_steps,
             decay=config.decay,
             total_steps=config.max_steps,
         )
-        optimizer = keras.optimizers.Adam(self.schedule, global_clipnorm=config.clip_norm or None)
-        model.compile(
-            optimizer=optimizer,
-            loss=MaskedCrossEntropy(label_smoothing=config.label_smoothing),
-            jit_compile=config.jit_compile,
-        )
-        optimizer.build(model.trainable_variables)
-        self.chunk = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.best = tf.Variable(-float("inf"), dtype=tf.float64, trainable=False)
-        self.bad_chunks = tf.Variable(0, dtype=tf.int64, trainable=False)
+        if strategy is None:
+            optimizer_class, loss_class = keras.optimizers.Adam, MaskedCrossEntropy
+        else:
+            self._check_built_under(strategy)
+            distribute.patch_keras_trainer(model, strategy)
+            optimizer_class, loss_class = distribute.AllReduceThenClipAdam, distribute.DistributedCrossEntropy
+        with distribute.scope(strategy):
+            optimizer = optimizer_class(self.schedule, global_clipnorm=config.clip_norm or None)
+            model.compile(
+                optimizer=optimizer,
+                loss=loss_class(label_smoothing=config.label_smoothing),
+                jit_compile=config.jit_compile,
+            )
+            optimizer.build(model.trainable_variables)
+            self.chunk = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.best = tf.Variable(-float("inf"), dtype=tf.float64, trainable=False)
+            self.bad_chunks = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, chunk=self.chunk, best=self.best, bad_chunks=self.bad_chunks
+            model=model,
+            optimizer=optimizer,
+            model_variables=_all_variables(model),
+            chunk=self.chunk,
+            best=self.best,
+            bad_chunks=self.bad_chunks,
         )
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, str(self.output_dir / "checkpoints"), max_to_keep=config.keep_checkpoints
+            self.checkpoint, str(self.write_dir / "checkpoints"), max_to_keep=config.keep_checkpoints
         )
+
+    def _check_built_under(self, strategy):
+        if not self.model.weights:
+            return
+        variable = self.model.weights[0]
+        if not strategy.extended.variable_created_in_scope(getattr(variable, "value", variable)):
+            raise ValueError(
+                f"distribution {self.config.distribution!r}: build the model under the strategy's scope "
+                "(with seq2seq.distribute.scope(strategy): model = ...; trainer = Trainer(model, config, strategy))"
+            )
+
+    @property
+    def latest_checkpoint(self):
+        """The chief's latest checkpoint, which every worker restores."""
+        if self.chief:
+            return self.manager.latest_checkpoint
+        return tf.train.latest_checkpoint(str(self.output_dir / "checkpoints"))
 
     @property
     def step(self):
@@ -204,13 +308,16 @@ class Trainer:
 
     def restore(self):
         """Restores the latest checkpoint, if any; returns its path or None."""
-        latest = self.manager.latest_checkpoint
+        latest = self.latest_checkpoint
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
         return latest
 
     def fit(self, batches: PlannedBatches, validation=None, callbacks=()):
-        """Trains until `epochs` passes over the data (or `max_steps`), or early stopping."""
+        """Trains until `epochs` passes over the data (or `max_steps`), or early stopping.
+
+        validation: a tf.data dataset of batches, or PlannedBatches (its epoch-0 plan, once;
+        under a strategy each global batch is split over the replicas like training batches)."""
         config = self.config
         resumed_from = self.restore()
         steps_per_chunk = config.steps_per_checkpoint or len(batches.plan(0))
@@ -228,23 +335,43 @@ class Trainer:
             *callbacks,
             _CheckpointAndStop(
                 self.manager, self.chunk, self.best, self.bad_chunks, config.early_stopping_patience,
-                str(self.output_dir / "best.weights.h5"), config.early_stopping_metric, config.verbose,
+                str(self.write_dir / "best.weights.h5"), config.early_stopping_metric, config.verbose,
             ),
         ]
         if config.tensorboard:
-            all_callbacks.append(keras.callbacks.TensorBoard(str(self.output_dir / "logs"), update_freq=50))
-        history = self.model.fit(
-            batches.stream(self.step),
-            validation_data=validation,
-            epochs=num_chunks,
-            initial_epoch=start_chunk,
-            steps_per_epoch=steps_per_chunk,
-            callbacks=all_callbacks,
-            shuffle=False,
-            verbose=config.verbose,
-        )
+            all_callbacks.append(keras.callbacks.TensorBoard(str(self.write_dir / "logs"), update_freq=50))
+        try:
+            history = self.model.fit(
+                self._training_data(batches),
+                validation_data=self._validation_data(validation),
+                epochs=num_chunks,
+                initial_epoch=start_chunk,
+                steps_per_epoch=steps_per_chunk,
+                callbacks=all_callbacks,
+                shuffle=False,
+                verbose=config.verbose,
+            )
+        except distribute.CLUSTER_ERRORS as error:
+            if not distribute.is_multi_worker(self.strategy):
+                raise
+            raise TrainingError(
+                distribute.cluster_error_message(error, distribute.worker_id(self.strategy), self.step, self.latest_checkpoint)
+            ) from error
         self._write_summary(history)
         return history
+
+    def _training_data(self, batches):
+        start = self.step
+        if self.strategy is None:
+            return batches.stream(start)
+        return distribute.distribute_batches(self.strategy, lambda context: batches.stream(start, context))
+
+    def _validation_data(self, validation):
+        if not isinstance(validation, PlannedBatches):
+            return validation
+        if self.strategy is None:
+            return validation.epoch_dataset(0)
+        return distribute.distribute_batches(self.strategy, lambda context: validation.epoch_dataset(0, context))
 
     def _write_summary(self, history):
         summary = {
@@ -252,7 +379,37 @@ class Trainer:
             "best_" + self.config.early_stopping_metric: METRIC_MODES[self.config.early_stopping_metric] * float(self.best.numpy()),
             "history": {key: [float(v) for v in values] for key, values in history.history.items()},
         }
-        (self.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        (self.write_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _all_variables(model):
+    """Every variable of the model (weights, BatchNorm statistics, dropout seed state).
+
+    Keras 3 keeps layers held in nested lists out of TF's object graph, so `model=` alone
+    reaches only part of them; listing the backing tf.Variables puts all in the checkpoint.
+    """
+    return [variable.value for variable in model.variables]
+
+
+def restore_model_weights(model, checkpoint_path):
+    """Loads a Trainer checkpoint's model weights into a freshly built model.
+
+    Reads the full variable list, and for older checkpoints without it the trainable
+    weights through the optimizer's variable list. Checks that every trainable weight was found.
+    """
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, model_variables=_all_variables(model))
+    status = checkpoint.restore(str(checkpoint_path))
+    status.expect_partial()
+    untouched = [
+        v.path for v, old in zip(model.trainable_variables, before)
+        if v.numpy().size > 1 and np.array_equal(v.numpy(), old)
+    ]
+    if untouched:
+        raise TrainingError(f"{checkpoint_path}: does not hold weights for {untouched[:3]} (a different model?)")
+    return model
 
 
 def average_checkpoints(model, checkpoint_paths):
@@ -264,13 +421,12 @@ def average_checkpoints(model, checkpoint_paths):
         raise ValueError("no checkpoints to average")
     totals = None
     for path in checkpoint_paths:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial()
+        restore_model_weights(model, path)
         values = [np.array(v.numpy(), dtype=np.float64) for v in model.trainable_weights]
         totals = values if totals is None else [t + v for t, v in zip(totals, values)]
     for variable, total in zip(model.trainable_weights, totals):
         variable.assign((total / len(checkpoint_paths)).astype(variable.dtype))
     return model
-
 
 
 def _pad_time(x, multiple):

@@ -155,7 +155,7 @@ def run_script(script, output_dir, dropout, kill_at=None):
 
 
 def test_training_killed_with_sigkill_resumes_to_identical_weights(tmp_path):
-    """dropout=0: with dropout > 0 the resumed run differs (see the xfail test below)."""
+    """A run killed between checkpoints resumes to the weights of an uninterrupted run."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
@@ -216,12 +216,9 @@ def test_max_steps_is_respected_when_not_a_multiple_of_the_interval(short_run):
     assert trainer.step == 7  # it is 8: ceil(7 / 2) intervals of 2 steps
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: Trainer checkpoints omit the dropout seed-generator state")
 def test_checkpoint_restores_dropout_random_state(short_run):
-    """With dropout, a run resumed after a kill draws the dropout masks of a fresh run: the
-    checkpoint holds the model weights only through the optimizer's variable list, not the
-    SeedGenerator states, so it does not end with the weights of an uninterrupted run (the
-    subprocess test above gives max |diff| ~0.04 with dropout=0.3)."""
+    """The checkpoint holds every model variable, so a resumed run draws the same dropout
+    masks as an uninterrupted one."""
     model, trainer, *_ = short_run
     seeds = [v for v in model.variables if "seed_generator" in v.path]
     assert len(seeds) == 3  # encoder dropout, decoder embedding dropout, decoder masks
@@ -237,12 +234,9 @@ def test_checkpoint_restores_dropout_random_state(short_run):
             v.assign(value)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: average_checkpoints restores only part of a new model")
 def test_average_checkpoints_into_a_new_model(short_run):
-    """As in a separate averaging run: a freshly built model must get all the checkpoints'
-    weights. Only the stock Keras sublayers (embeddings, Dense) are restored; the RNN cells
-    and bridge projections, held in (nested) lists, keep their random initial values, and
-    `expect_partial` hides it."""
+    """As in a separate averaging run: a freshly built model gets all the checkpoints'
+    weights, including the RNN cells and bridge projections held in (nested) lists."""
     _, trainer, _, _, snapshots = short_run
     expected = [(a + b) / 2 for a, b in zip(*snapshots[-2:])]
     fresh = build_rnn_model(VOCAB, VOCAB, cell_type="gru", units=8, dropout=0.3)
