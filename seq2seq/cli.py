@@ -81,9 +81,9 @@ def read_input_lines(path=None):
         return decode_lines(stream, path)
 
 
-def decode_lines(stream, name):
+def decode_lines(stream, name, first_line=1):
     lines = []
-    for number, raw in enumerate(stream, start=1):
+    for number, raw in enumerate(stream, start=first_line):
         try:
             lines.append(raw.decode("utf-8").rstrip("\r\n"))
         except UnicodeDecodeError as error:

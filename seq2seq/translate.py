@@ -65,20 +65,49 @@ def command_train(args):
     print(f"trained: {config.training.output_dir}")
 
 
+def check_search_flags(args):
+    """Rejects search settings the graph would fail on (or silently ignore) with a one-line error."""
+    if args.beam_size < 1:
+        raise cli.CommandError(f"--beam-size must be at least 1, got {args.beam_size}")
+    n_best = getattr(args, "n_best", 1)
+    if not 1 <= n_best <= args.beam_size:
+        raise cli.CommandError(f"--n-best must be between 1 and --beam-size ({args.beam_size}), got {n_best}")
+    if getattr(args, "batch_size", 1) < 1:
+        raise cli.CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def print_translation(result, n_best, flush=False):
+    print(result if n_best == 1 else "\t".join(result), flush=flush)
+
+
+def translate_interactively(args, translator):
+    """A terminal on stdin: every line is translated as soon as it is entered."""
+    from tasks.translation.pipeline import translate_lines
+
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        line = cli.decode_lines([raw], "<stdin>", first_line=number)[0]
+        [result] = translate_lines(translator, [line], beam_size=args.beam_size, n_best=args.n_best,
+                                   length_penalty=args.length_penalty, batch_size=1)
+        print_translation(result, args.n_best, flush=True)
+
+
 def command_translate(args):
     from tasks.translation.pipeline import translate_lines
 
+    check_search_flags(args)
+    # (With --plot-alignment, stdin is read to the end first: the plot is of the first sentence.)
+    interactive = not args.texts and args.input is None and not args.plot_alignment and sys.stdin.isatty()
+    if interactive:
+        return translate_interactively(args, load_translator(args))
     lines = args.texts if args.texts else cli.read_input_lines(args.input)
     translator = load_translator(args)
     outputs = [] if args.plot_alignment else None
-    interactive = not args.texts and args.input is None and sys.stdin.isatty()
-    batch_size = 1 if interactive else args.batch_size
     results = translate_lines(
         translator, lines, beam_size=args.beam_size, n_best=args.n_best,
-        length_penalty=args.length_penalty, batch_size=batch_size, outputs=outputs,
+        length_penalty=args.length_penalty, batch_size=args.batch_size, outputs=outputs,
     )
     for result in results:
-        print(result if args.n_best == 1 else "\t".join(result), flush=interactive)
+        print_translation(result, args.n_best)
     if outputs:
         from seq2seq.plotting import plot_alignment
 
@@ -94,6 +123,7 @@ def command_evaluate(args):
     if args.hypotheses:
         hypotheses = cli.read_input_lines(args.hypotheses)
     elif args.source:
+        check_search_flags(args)
         hypotheses = translate_lines(
             load_translator(args), cli.read_input_lines(args.source), beam_size=args.beam_size,
             length_penalty=args.length_penalty, batch_size=args.batch_size,
@@ -114,6 +144,7 @@ def command_evaluate(args):
 def command_export(args):
     from tasks.translation.pipeline import TranslationRun, export, next_version
 
+    check_search_flags(args)
     run = TranslationRun.load(args.run_dir)
     model = run.load_model(weights=args.weights, average_last=args.average_last)
     model_dir = Path(args.output)

@@ -7,6 +7,9 @@ A run directory holds everything needed to continue or use a run:
   checkpoints/                 model + optimizer + step, for resuming and averaging
   best.weights.h5              weights with the best validation metric
   logs/                        TensorBoard logs
+
+Under `training.distribution` (seq2seq.distribute) only the chief worker writes the run
+directory; the other workers read it, so it must be on storage every worker sees.
 """
 
 import sys
@@ -17,10 +20,12 @@ import numpy as np
 import sacrebleu
 import tensorflow as tf
 
+from seq2seq import distribute
 from seq2seq.batching import filter_by_length, plan_batches
 from seq2seq.model import build_rnn_model
 from seq2seq.text import DataError, Vocabulary, WordTokenizer
-from seq2seq.training import Trainer, average_checkpoints, sequence_batches, set_precision
+from seq2seq.training import Trainer, average_checkpoints, restore_model_weights, sequence_batches, set_precision
+from seq2seq.transformer import build_transformer_model
 from tasks.translation import data
 from tasks.translation.config import TranslationConfig
 from tasks.translation.subword import SentencePieceTokenizer, sentencepiece_vocabulary, train_sentencepiece
@@ -125,6 +130,27 @@ class TranslationRun:
 
     def build_model(self):
         m = self.config.model
+        if not m.is_rnn:
+            return build_transformer_model(
+                len(self.source_vocab),
+                len(self.target_vocab),
+                encoder_layers=m.encoder_layers,
+                decoder_layers=m.decoder_layers,
+                units=m.units,
+                num_heads=m.num_heads,
+                ffn_dim=m.ffn_dim,
+                dropout=m.dropout,
+                positions=m.positions,
+                max_length=m.max_positions,
+                tie_embeddings=m.tie_embeddings,
+                encoder_type=m.encoder_type,
+                decoder_type=m.decoder_type,
+                cell_type=m.cell_type,
+                rnn_units=m.encoder_units,
+                bidirectional=m.bidirectional,
+                attention=m.attention,
+                bridge=m.bridge,
+            )
         return build_rnn_model(
             len(self.source_vocab),
             len(self.target_vocab),
@@ -168,7 +194,7 @@ class TranslationRun:
         elif weights == "best" and (self.run_dir / "best.weights.h5").is_file():
             model.load_weights(self.run_dir / "best.weights.h5")
         elif paths:
-            tf.train.Checkpoint(model=model).restore(paths[-1]).expect_partial()
+            restore_model_weights(model, paths[-1])
         else:
             raise DataError(f"{self.run_dir}: no trained weights yet (no best.weights.h5 and no checkpoint)")
         return model
@@ -253,16 +279,26 @@ def translate_lines(translate_fn, lines, beam_size=5, n_best=1, length_penalty=0
 
 def train(config, validation_bleu=True):
     """Trains (or resumes) the run in config.training.output_dir."""
+    # First: a multi-worker strategy must be set up before TensorFlow runs any op.
+    strategy = distribute.make_strategy(config.training.distribution)
+    chief = distribute.is_chief(strategy)
     run_dir = Path(config.training.output_dir)
     set_precision(config.training.precision)
     train_sources, train_targets = read_pairs(config, "train")
     valid_sources, valid_targets = read_pairs(config, "valid")
-    if (run_dir / "config.yaml").is_file():
+    if chief and (run_dir / "config.yaml").is_file():
         log(f"{run_dir} holds a run: continuing it with its saved config and vocabularies")
         run = TranslationRun.load(run_dir)
         run.config.training = config.training
-    else:
+    elif chief:
         run = TranslationRun.create(config, train_sources, train_targets)
+    distribute.barrier(strategy)  # the other workers read the run dir once the chief has written it
+    if not chief:
+        if not (run_dir / "config.yaml").is_file():
+            raise DataError(f"{run_dir}: the chief's run directory is not visible here; the output dir "
+                            "must be on storage every worker sees (e.g. NFS or GCS)")
+        run = TranslationRun.load(run_dir)
+        run.config.training = config.training
     log(
         f"train: {len(train_sources)} pairs; valid: {len(valid_sources)} pairs; "
         f"vocabularies: {len(run.source_vocab)} source, {len(run.target_vocab)} target tokens"
@@ -271,13 +307,14 @@ def train(config, validation_bleu=True):
     validation = None
     callbacks = []
     if valid_sources:
-        valid_batches = make_batches(run, valid_sources, valid_targets, shuffle=False, report_name="valid")
-        validation = valid_batches.epoch_dataset(0)
-    model = run.build_model()
+        validation = make_batches(run, valid_sources, valid_targets, shuffle=False, report_name="valid")
+    keras.utils.set_random_seed(run.config.training.seed)  # the same initial weights on every run and worker
+    with distribute.scope(strategy):
+        model = run.build_model()
+        trainer = Trainer(model, run.config.training, strategy)
     log(f"model: {model.count_params():,} parameters")
     if valid_sources and validation_bleu:
         callbacks.append(BleuCallback(run.translator(model), valid_sources, valid_targets))
-    trainer = Trainer(model, run.config.training)
     trainer.fit(batches, validation=validation, callbacks=callbacks)
     return run, model
 

@@ -66,6 +66,12 @@ class Translator(tf.Module):
         truncated = source_tokens.row_lengths() > self.max_source_length
         source_tokens = source_tokens[:, : self.max_source_length]
         source_ids = self.source_vocab.lookup_ids(source_tokens).to_tensor(PAD_ID)  # [N, S]
+        dense_tokens = source_tokens.to_tensor("")  # [N, S]
+        # S >= 1 even when every text is empty (the encoder cannot run zero time steps); empty
+        # rows are then all padding, as they are next to non-empty rows.
+        missing = [[0, 0], [0, tf.maximum(1 - tf.shape(source_ids)[1], 0)]]
+        source_ids = tf.pad(source_ids, missing, constant_values=PAD_ID)
+        dense_tokens = tf.pad(dense_tokens, missing, constant_values="")
         source_lengths = tf.cast(source_tokens.row_lengths(), tf.int32)
         max_length = max_length_from_source(source_lengths, self.length_ratio, self.length_offset)
 
@@ -89,7 +95,7 @@ class Translator(tf.Module):
         if self.replace_unknown:
             flat_attention = tf.reshape(attention, [batch_size * hypotheses, tf.shape(ids)[2], -1])
             aligned = tf.argmax(flat_attention, axis=-1, output_type=tf.int32)  # [N*H, T]
-            dense_source = tf.repeat(source_tokens.to_tensor(""), hypotheses, axis=0)  # [N*H, S]
+            dense_source = tf.repeat(dense_tokens, hypotheses, axis=0)  # [N*H, S]
             aligned_tokens = tf.gather(dense_source, aligned, batch_dims=1)
             target_tokens = tf.where(tf.equal(target_tokens, UNK), aligned_tokens, target_tokens)
         ragged = tf.RaggedTensor.from_tensor(target_tokens, lengths=flat_lengths)
@@ -105,7 +111,7 @@ class Translator(tf.Module):
             "scores": scores[:, 0],
             "nbest_translations": nbest,
             "nbest_scores": scores,
-            "source_tokens": source_tokens.to_tensor(""),
+            "source_tokens": dense_tokens,
             "target_tokens": tf.where(position < best_length[:, None], best_tokens, ""),
             "attention": attention[:, 0],
             "source_truncated": truncated,

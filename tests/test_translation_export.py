@@ -1,0 +1,204 @@
+"""The exported SavedModel: loads without this project, runs in saved_model_cli, and holds
+only ops TF Serving has (no Python callbacks)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import SAMPLE_SENTENCES, Background
+from seq2seq import serving_check
+
+SAVED_MODEL_CLI = Path(sys.executable).parent / "saved_model_cli"
+TEXTS = SAMPLE_SENTENCES + ["", "a zebra is riding a xylophone ."]
+
+# Runs in a fresh interpreter that imports tensorflow (and, for the SentencePiece export only,
+# tensorflow_text), never this project.
+FRESH_PROCESS_SCRIPT = """
+import json, sys
+import tensorflow as tf
+
+def serve(path, texts):
+    model = tf.saved_model.load(path)
+    out = model.signatures["serving_default"](texts=tf.constant(texts))
+    return {"translations": [t.decode("utf-8") for t in out["translations"].numpy()],
+            "scores": out["scores"].numpy().tolist(), "outputs": sorted(out)}
+
+word_path, sentencepiece_path, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+result = {"word": serve(word_path, texts)}
+result["word_modules"] = sorted({m.split(".")[0] for m in sys.modules})
+import tensorflow_text  # registers the SentencePiece ops, as a TF Serving build with tensorflow-text does
+result["sentencepiece"] = serve(sentencepiece_path, texts)
+result["modules"] = sorted({m.split(".")[0] for m in sys.modules})
+print(json.dumps(result))
+"""
+
+
+def decode(values):
+    return [v.decode("utf-8") for v in np.asarray(values).reshape(-1)]
+
+
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory, word_model, sentencepiece_model):
+    """The module's slow subprocesses, started together so their TensorFlow start-ups overlap."""
+    directory = tmp_path_factory.mktemp("commands")
+    started = {
+        "fresh": Background(
+            [sys.executable, "-I", "-c", FRESH_PROCESS_SCRIPT, word_model[1], sentencepiece_model[1], json.dumps(TEXTS)],
+            directory / "fresh", cwd=directory,
+        ),
+        "show": Background([SAVED_MODEL_CLI, "show", "--dir", word_model[1], "--all"], directory / "show"),
+        "run": Background(
+            [SAVED_MODEL_CLI, "run", "--dir", word_model[1], "--tag_set", "serve", "--signature_def",
+             "serving_default", "--input_exprs", f"texts={[SAMPLE_SENTENCES[0]]!r}"],
+            directory / "run",
+        ),
+    }
+    yield started
+    for command in started.values():
+        command.stop()
+
+
+@pytest.fixture(scope="module")
+def fresh_process(commands):
+    completed = commands["fresh"].result()
+    assert completed.returncode == 0, completed.stderr.decode()[-3000:]
+    return json.loads(completed.stdout.decode().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def word_export(word_model):
+    return tf.saved_model.load(str(word_model[1]))
+
+
+def test_fresh_process_without_the_project_matches_the_in_process_translator(fresh_process, word_translator):
+    assert "seq2seq" not in fresh_process["modules"] and "tasks" not in fresh_process["modules"]
+    assert "tensorflow_text" not in fresh_process["word_modules"]
+    served = fresh_process["word"]
+    assert served["outputs"] == ["scores", "translations"]
+    expected = word_translator.translate(tf.constant(TEXTS), tf.constant(5), tf.constant(1), tf.constant(0.6))
+    assert served["translations"] == decode(expected["translations"])
+    np.testing.assert_allclose(served["scores"], expected["scores"].numpy(), rtol=1e-4, atol=1e-4)
+    assert served["translations"][3] == "" and served["scores"][3] == 0.0
+    assert any(served["translations"])
+
+
+def test_fresh_process_serves_the_sentencepiece_export(fresh_process, sentencepiece_model):
+    assert "seq2seq" not in fresh_process["modules"] and "tasks" not in fresh_process["modules"]
+    served = fresh_process["sentencepiece"]
+    assert len(served["translations"]) == len(TEXTS) and len(served["scores"]) == len(TEXTS)
+    assert served["translations"][3] == ""
+    assert all("\u2581" not in t for t in served["translations"]), "detokenized text keeps no SentencePiece marks"
+
+
+def test_saved_model_cli_show_lists_serving_default_with_a_string_input(commands):
+    completed = commands["show"].result()
+    assert completed.returncode == 0, completed.stderr.decode()[-2000:]
+    out = completed.stdout.decode()
+    serving = out[out.index("signature_def['serving_default']"):]
+    serving = serving[: serving.index("Method name is")]
+    assert "inputs['texts'] tensor_info:" in serving and "dtype: DT_STRING" in serving
+    assert "outputs['translations']" in serving and "outputs['scores']" in serving
+    assert "signature_def['translate']" in out
+
+
+def test_saved_model_cli_run_prints_translations(commands, word_translator):
+    sentence = SAMPLE_SENTENCES[0]
+    completed = commands["run"].result()
+    assert completed.returncode == 0, completed.stderr.decode()[-2000:]
+    stdout = completed.stdout.decode()
+    expected = word_translator.translate(tf.constant([sentence]), tf.constant(5), tf.constant(1), tf.constant(0.6))
+    expected_text = decode(expected["translations"])[0]
+    assert "Result for output key translations:" in stdout
+    assert "Result for output key scores:" in stdout
+    assert repr(expected_text.encode("utf-8")) in stdout
+
+
+def test_word_level_export_holds_only_stock_tensorflow_ops(word_model, capsys):
+    # Through the command (`python -m seq2seq.serving_check DIR --json`), which exits 0 when servable.
+    assert serving_check.main([str(word_model[1]), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["py_func_ops"] == []
+    assert report["unregistered_ops"] == [] and report["tensorflow_text_ops"] == []
+    assert report["stock_tf_serving"] and report["ok"]
+    # Ops only found inside the beam search's while-loop body and the tokenizer prove nested functions were walked.
+    assert {"While", "LogSoftmax", "TopKV2", "StaticRegexReplace", "LookupTableFindV2"} <= set(report["op_types"])
+    assert "OK: only stock TensorFlow ops" in serving_check.format_report(report)
+
+
+def test_sentencepiece_export_needs_only_stock_and_tensorflow_text_ops(sentencepiece_model):
+    report = serving_check.serving_op_report(sentencepiece_model[1])
+    assert report["py_func_ops"] == [] and report["unregistered_ops"] == []
+    assert report["tensorflow_text_ops"], "the SentencePiece tokenizer op comes from tensorflow-text"
+    assert all(op.startswith("Sentencepiece") for op in report["tensorflow_text_ops"])
+    assert report["ok"] and not report["stock_tf_serving"]
+
+
+class _CallsPython(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([], tf.float32)])
+    def run(self, x):
+        def body(i, value):
+            value = tf.py_function(lambda v: v * 2.0, [value], tf.float32)
+            value.set_shape([])
+            return i + 1, value
+
+        return tf.while_loop(lambda i, value: i < 3, body, (tf.constant(0), x))[1]
+
+
+def test_serving_check_finds_python_callbacks_in_loop_bodies_and_unknown_ops(tmp_path, capsys):
+    path = tmp_path / "calls_python"
+    tf.saved_model.save(_CallsPython(), str(path))
+    # Rename one op of the saved graph to an op nobody registers.
+    saved_model = serving_check.read_saved_model(path)
+    renamed = next(node for node in saved_model.meta_graphs[0].graph_def.node if node.op == "NoOp")
+    renamed.op = "MadeUpCustomOp"
+    (path / "saved_model.pb").write_bytes(saved_model.SerializeToString())
+
+    assert serving_check.main([str(path), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert "PROBLEM: Python callbacks" in serving_check.format_report(report)
+    assert [p["op"] for p in report["py_func_ops"]] == ["EagerPyFunc"]
+    assert report["py_func_ops"][0]["function"] != "graph"  # found inside the while body function
+    assert report["unregistered_ops"] == ["MadeUpCustomOp"]
+    assert not report["ok"]
+
+
+def test_serving_check_command_fails_clearly_on_a_missing_dir(tmp_path, capsys):
+    assert serving_check.main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_translate_signature_beam_size_1_is_greedy_and_n_best_works(word_model, word_export, word_translator):
+    from tasks.translation.pipeline import TranslationRun
+
+    texts = tf.constant(TEXTS)
+    # The model's beam search with one beam finds the greedy hypothesis.
+    run = TranslationRun.load(word_model[0])
+    source_ids = run.source_vocab.lookup_ids(run.source_tokenizer.tokenize(tf.constant(SAMPLE_SENTENCES)))
+    source_ids = source_ids.to_tensor(0)
+    greedy = word_translator.model.generate(source_ids, search="greedy", max_length=20)
+    beam = word_translator.model.generate(source_ids, search="beam", max_length=20, beam_size=1)
+    np.testing.assert_array_equal(beam.ids.numpy(), greedy.ids.numpy())
+    np.testing.assert_allclose(beam.log_probs.numpy(), greedy.log_probs.numpy(), rtol=1e-5)
+
+    # The exported graph with beam_size 1 gives the in-process greedy translations.
+    exported = word_export.translate(texts, tf.constant(1), tf.constant(1), tf.constant(0.6))
+    in_process = word_translator.translate(texts, tf.constant(1), tf.constant(1), tf.constant(0.6))
+    assert decode(exported["translations"]) == decode(in_process["translations"])
+
+    # n-best: [N, n] hypotheses, best first, the first one equal to serving_default's answer.
+    nbest = word_export.translate(texts, tf.constant(5), tf.constant(3), tf.constant(0.6))
+    assert nbest["nbest_translations"].shape == (len(TEXTS), 3)
+    scores = nbest["nbest_scores"].numpy()
+    assert np.all(np.diff(scores[[0, 1, 2, 4]], axis=1) <= 1e-6)
+    served = word_export.signatures["serving_default"](texts=texts)
+    assert decode(nbest["nbest_translations"][:, 0]) == decode(served["translations"])
+    assert decode(nbest["translations"]) == decode(served["translations"])
+
+    # A batch of only empty sources (no token at all) is served too.
+    empty = word_export.signatures["serving_default"](texts=tf.constant(["", " \t"]))
+    assert decode(empty["translations"]) == ["", ""] and empty["scores"].numpy().tolist() == [0.0, 0.0]
