@@ -1,0 +1,269 @@
+"""python -m seq2seq.caption {train,caption,evaluate,export}: image captioning from the terminal."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from seq2seq import cli
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = PROJECT_ROOT / "saved_models" / "shapes_captioner"
+
+
+def resolve_model(path, weights="best"):
+    """A captioner (with `caption` and `info`) from a SavedModel dir, a TF Serving model dir (highest
+    version) or a run dir."""
+    import tensorflow as tf
+
+    from tasks.captioning.pipeline import CaptionRun
+
+    path = Path(path)
+    if not path.exists():
+        raise cli.CommandError(f"{path}: model not found (give a SavedModel, a TF Serving model dir or a run dir)")
+    if weights != "best" and not (path / "config.yaml").is_file():
+        raise cli.CommandError("--weights needs --model to be a run directory")
+    if not (path / "saved_model.pb").is_file():
+        versions = sorted((int(p.name), p) for p in path.glob("*") if p.name.isdigit() and (p / "saved_model.pb").is_file())
+        if versions:
+            path = versions[-1][1]
+    if (path / "saved_model.pb").is_file():
+        model = tf.saved_model.load(str(path))
+        if not hasattr(model, "caption") or not hasattr(model, "info"):
+            raise cli.CommandError(f"{path}: not a captioning SavedModel (no caption function)")
+        return model
+    if (path / "config.yaml").is_file():
+        run = CaptionRun.load(path)
+        return run.captioner(run.load_model(weights=weights))
+    raise cli.CommandError(f"{path}: neither a SavedModel nor a run directory")
+
+
+def model_info(model):
+    return {key: int(value.numpy()) for key, value in model.info().items()}
+
+
+def read_images(paths, image_size, on_error):
+    """Pixels [K, S, S, 3] of the readable images and their positions in `paths`; bad files warn
+    (and are counted) or, with on_error "raise", stop with an error naming the file."""
+    import numpy as np
+
+    from tasks.captioning.images import ImageError, load_image
+
+    arrays, positions, failures = [], [], []
+    for position, path in enumerate(paths):
+        try:
+            arrays.append(load_image(path, size=(image_size, image_size)))
+            positions.append(position)
+        except ImageError as error:
+            if on_error == "raise":
+                raise cli.CommandError(f"{error} (use --on-error skip to skip unreadable images)") from None
+            failures.append(path)
+            print(f"warning: skipping image: {error}", file=sys.stderr)
+    if failures:
+        print(f"skipped {len(failures)} of {len(paths)} images (their output lines are empty)", file=sys.stderr)
+    if not arrays:
+        raise cli.CommandError(f"none of the {len(paths)} images could be read")
+    return np.stack(arrays), positions
+
+
+def command_train(args):
+    from tasks.captioning.pipeline import CaptionConfig, train
+
+    values = {}
+    if args.config:
+        import yaml
+
+        if not Path(args.config).is_file():
+            raise cli.CommandError(f"{args.config}: config file not found")
+        try:
+            values = yaml.safe_load(Path(args.config).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise cli.CommandError(f"{args.config}: not valid YAML ({error})") from None
+        if not isinstance(values, dict):
+            raise cli.CommandError(f"{args.config}: expected a mapping with sections data, model, batching, training")
+    for section, fields in cli.flag_overrides(args).items():
+        values.setdefault(section, {}).update(fields)
+    if not (values.get("training") or {}).get("output_dir"):
+        raise cli.CommandError("give an output directory: --output-dir DIR (or training.output_dir in the config)")
+    config = CaptionConfig.from_dict(values)
+    train(config, validation_bleu=not args.no_validation_bleu)
+    print(f"trained: {config.training.output_dir}")
+
+
+def command_caption(args):
+    from tasks.captioning.pipeline import caption_images
+
+    paths = args.images if args.images else [line.strip() for line in cli.read_input_lines(args.input) if line.strip()]
+    if not paths:
+        raise cli.CommandError("no images given (pass image files as arguments, --input FILE, or paths on stdin)")
+    model = resolve_model(args.model, args.weights)
+    info = model_info(model)
+    pixels, positions = read_images(paths, info["image_size"], args.on_error)
+    out = caption_images(model, pixels, beam_size=args.beam_size, length_penalty=args.length_penalty, batch_size=args.batch_size)
+    lines = [""] * len(paths)
+    for row, position in enumerate(positions):
+        lines[position] = out["captions"][row].decode("utf-8")
+    for line in lines:
+        print(line)
+    if args.plot_attention:
+        from tasks.captioning.evaluation import plot_caption_attention
+
+        length = int(out["lengths"][0])
+        plot_caption_attention(
+            pixels[0], out["tokens"][0][:length], out["attention"][0][:length], (info["grid_height"], info["grid_width"]),
+            args.plot_attention, title=lines[positions[0]],
+        )
+        print(f"attention of the first image written to {args.plot_attention}", file=sys.stderr)
+
+
+def evaluation_set(args, image_size):
+    from tasks.captioning import data
+    from tasks.captioning.pipeline import examples_set, shapes_test_set
+
+    chosen = [args.shapes_test is not None, bool(args.karpathy_json), bool(args.tsv), bool(args.tfds_split)]
+    if sum(chosen) != 1:
+        raise cli.CommandError(
+            "give the evaluation data one way: --shapes-test N, --karpathy-json FILE with --image-folder DIR, "
+            "--tsv FILE, or --tfds-split SPLIT"
+        )
+    warn = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if args.shapes_test is not None:
+        if args.shapes_test < 1:
+            raise cli.CommandError(f"--shapes-test must be at least 1, got {args.shapes_test}")
+        return shapes_test_set(args.shapes_test, args.shapes_seed, image_size)
+    if args.karpathy_json:
+        if not args.image_folder:
+            raise cli.CommandError("--karpathy-json needs --image-folder")
+        examples = data.read_karpathy_json(args.karpathy_json, args.image_folder, args.split, on_missing=args.on_missing, warn=warn)
+        return examples_set(examples, image_size, args.on_error, args.karpathy_json)
+    if args.tsv:
+        examples = data.read_caption_tsv(args.tsv, args.image_folder, on_missing=args.on_missing, warn=warn)
+        return examples_set(examples, image_size, args.on_error, args.tsv)
+    examples = list(data.load_tfds_coco(args.tfds_split, args.tfds_data_dir, max_examples=args.tfds_max_examples, warn=warn))
+    return examples_set(examples, image_size, args.on_error, f"coco_captions[{args.tfds_split}]")
+
+
+def command_evaluate(args):
+    from tasks.captioning.evaluation import attention_localisation, corpus_bleu_scores
+    from tasks.captioning.pipeline import caption_images
+
+    model = resolve_model(args.model, args.weights)
+    info = model_info(model)
+    test_set = evaluation_set(args, info["image_size"])
+    searches = [("greedy", 1)] + ([(f"beam {args.beam_size}", args.beam_size)] if args.beam_size > 1 else [])
+    results = {"images": len(test_set), "searches": {}}
+    for name, beam_size in searches:
+        out = caption_images(model, test_set.images, beam_size=beam_size, length_penalty=args.length_penalty, batch_size=args.batch_size)
+        hypotheses = [c.decode("utf-8") for c in out["captions"]]
+        scores = corpus_bleu_scores(hypotheses, test_set.captions)
+        line = f"{name:>8}: " + "  ".join(f"BLEU-{n} {scores[f'bleu_{n}']:.4f}" for n in range(1, 5))
+        if test_set.scenes is not None:
+            grid = (info["grid_height"], info["grid_width"])
+            localisation = attention_localisation(test_set.scenes, out["tokens"], out["attention"], grid, info["image_size"])
+            scores.update(localisation)
+            if localisation["localisation"] is not None:
+                line += f"  attention localisation {localisation['localisation']:.1%} ({localisation['hits']}/{localisation['words']} words)"
+        results["searches"][name] = scores
+        if args.captions:
+            results["searches"][name]["captions"] = hypotheses
+        print(line)
+    print(f"  ({len(test_set)} images; corpus BLEU with all references, nltk corpus_bleu, lowercased, punctuation removed)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def command_export(args):
+    from tasks.captioning.pipeline import CaptionRun, export, next_version
+
+    run = CaptionRun.load(args.run_dir)
+    model = run.load_model(weights=args.weights)
+    model_dir = Path(args.output)
+    version = args.version or next_version(model_dir)
+    path = export(run, model, model_dir / str(version), args.beam_size, args.length_penalty)
+    print(f"exported: {path}")
+
+
+def add_model_flags(parser):
+    parser.add_argument("--model", default=str(SHIPPED_MODEL), help="SavedModel, TF Serving model dir or run dir (default: the shipped shapes captioner)")
+    parser.add_argument("--beam-size", type=int, default=3, help="beam width; 1 is greedy search (default: 3)")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty alpha (default: 0.0)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    parser.add_argument("--weights", choices=("best", "last"), default="best", help="which weights of a run dir (default: best)")
+    parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                        help="unreadable image files: skip them with a warning and a count, or stop with an error (default: skip)")
+
+
+def build_parser():
+    from seq2seq.training import TrainingConfig
+    from tasks.captioning.pipeline import BatchConfig, DataConfig, ModelConfig
+
+    parser = argparse.ArgumentParser(prog="python -m seq2seq.caption", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model (resumes when the output dir holds a run)",
+                                description="Train a captioning model from a YAML config and/or flags. Data: the built-in "
+                                "synthetic shapes (--shapes-train N), a Karpathy split JSON with --image-folder, TSV files "
+                                "(image<TAB>caption) or TFDS coco_captions. Started again on the same --output-dir, it "
+                                "resumes from the last checkpoint.")
+    train.add_argument("--config", help="YAML config with sections data, model, batching, training")
+    train.add_argument("--no-validation-bleu", action="store_true", help="skip greedy validation BLEU-4 at each checkpoint")
+    for name, section in (("data", DataConfig), ("model", ModelConfig), ("batching", BatchConfig), ("training", TrainingConfig)):
+        cli.add_dataclass_flags(train, name, section)
+    train.set_defaults(handler=command_train)
+
+    caption = commands.add_parser("caption", help="caption image files given as arguments, a file of paths, or stdin",
+                                  description="Caption images: file paths as arguments, --input FILE (one path a line) or "
+                                  "paths on stdin; one caption a line on stdout, in input order. An image that cannot be "
+                                  "read gets an empty line and a warning (or, with --on-error raise, stops the command).")
+    caption.add_argument("images", nargs="*", help="image files (JPEG, PNG, GIF, WebP, BMP)")
+    caption.add_argument("--input", help="file of image paths, one a line")
+    caption.add_argument("--plot-attention", metavar="PNG", help="write the attention of every word of the first image to a PNG")
+    add_model_flags(caption)
+    caption.set_defaults(handler=command_caption)
+
+    evaluate = commands.add_parser("evaluate", help="corpus BLEU-1..4 (and attention localisation on shapes), greedy vs beam",
+                                   description="Caption a test set with greedy search and with beam search and score both with "
+                                   "corpus BLEU-1..4 against all references (nltk). On the synthetic shapes data also "
+                                   "reports attention localisation: the fraction of generated colour and shape words whose "
+                                   "most-attended grid cell lies on the named object.")
+    data = evaluate.add_argument_group("test data (one of)")
+    data.add_argument("--shapes-test", type=int, metavar="N", help="N synthetic shapes images (make_splits' test split)")
+    data.add_argument("--shapes-seed", type=int, default=1000, help="seed of the synthetic test split (default: 1000)")
+    data.add_argument("--karpathy-json", help="Karpathy dataset_*.json (with --image-folder and --split)")
+    data.add_argument("--split", choices=("train", "val", "test"), default="test", help="Karpathy split (default: test)")
+    data.add_argument("--tsv", help="image<TAB>caption file, several lines per image allowed")
+    data.add_argument("--image-folder", help="folder the image paths are relative to")
+    data.add_argument("--tfds-split", help="TFDS coco_captions split, e.g. test")
+    data.add_argument("--tfds-data-dir", help="TFDS data dir where coco_captions is prepared")
+    data.add_argument("--tfds-max-examples", type=int, help="only the first N TFDS examples")
+    data.add_argument("--on-missing", choices=("raise", "skip"), default="raise", help="captions whose image file is missing (default: raise)")
+    evaluate.add_argument("--json", help="also write the scores to this JSON file")
+    evaluate.add_argument("--captions", action="store_true", help="include the generated captions in --json")
+    add_model_flags(evaluate)
+    evaluate.set_defaults(handler=command_evaluate)
+
+    export = commands.add_parser("export", help="write a SavedModel for TF Serving",
+                                 description="Export a run as a SavedModel in TF Serving's <model>/<version>/ layout. "
+                                 "serving_default: encoded images (JPEG/PNG bytes) -> captions, scores (decoding, resizing "
+                                 "and beam search in the graph); caption_with_attention: images, beam_size -> also tokens "
+                                 "and attention weights.")
+    export.add_argument("--run-dir", required=True, help="the training run to export")
+    export.add_argument("--output", default=str(SHIPPED_MODEL.parent / "captioning"), help="model dir; the version folder goes inside")
+    export.add_argument("--version", type=int, help="version number (default: the next free one)")
+    export.add_argument("--beam-size", type=int, default=3, help="beam width of serving_default (default: 3)")
+    export.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha of the exported searches (default: 0.0)")
+    export.add_argument("--weights", choices=("best", "last"), default="best", help="which weights (default: best)")
+    export.set_defaults(handler=command_export)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if getattr(args, "beam_size", 1) < 1:
+        print(f"error: --beam-size must be at least 1, got {args.beam_size}", file=sys.stderr)
+        return cli.EXIT_USAGE
+    return cli.run_main(args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""python -m seq2seq.caption end to end on a tiny synthetic run: train, resume, caption, evaluate, export.
+
+One tiny model is trained once per module (a few steps, 32x32 images); every command runs
+in-process through `seq2seq.caption.main`, the way a user's shell would call it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seq2seq import caption
+from tasks.captioning import shapes
+
+TINY_TRAIN = [
+    "--shapes-train", "40", "--shapes-val", "8", "--shapes-seed", "3", "--image-size", "32", "--units", "16",
+    "--batch-size", "16", "--max-steps", "4", "--steps-per-checkpoint", "2", "--no-tensorboard", "--verbose", "0",
+]
+
+
+def run_cli(capsys, *argv):
+    code = caption.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("caption") / "run"
+    assert caption.main(["train", *TINY_TRAIN, "--output-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run):
+    model_dir = tiny_run.parent / "exported"
+    assert caption.main(["export", "--run-dir", str(tiny_run), "--output", str(model_dir)]) == 0
+    return model_dir / "1"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three synthetic PNGs (32x32), one 50x40 PNG, a JPEG, a text file named .jpg and a truncated PNG."""
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for index, scene in enumerate(shapes.generate_scenes(3, seed=11, image_size=32)):
+        paths.append(folder / f"scene{index}.png")
+        Image.fromarray(scene.image).save(paths[-1])
+    odd = shapes.generate_scenes(1, seed=12, image_size=50)[0].image[:40]
+    Image.fromarray(odd).save(folder / "odd.png")
+    Image.fromarray(odd).save(folder / "photo.jpg", quality=90)
+    (folder / "page.jpg").write_text("<html><body>404 not found</body></html>")
+    data = paths[0].read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    return {
+        "good": paths, "odd": folder / "odd.png", "jpeg": folder / "photo.jpg",
+        "not_image": folder / "page.jpg", "truncated": folder / "truncated.png",
+    }
+
+
+def test_train_writes_a_run_and_resumes(tiny_run, capsys):
+    for name in ("config.yaml", "captions.vocab", "best.weights.h5", "checkpoints", "training_summary.json"):
+        assert (tiny_run / name).exists(), name
+    vocab = (tiny_run / "captions.vocab").read_text().split("\n")
+    assert vocab[:4] == ["<pad>", "<unk>", "<s>", "</s>"] and "circle" in vocab
+    summary = json.loads((tiny_run / "training_summary.json").read_text())
+    assert summary["step"] == 4 and "val_bleu" in summary["history"]
+    checkpoints = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+    code, out, err = run_cli(capsys, "train", *TINY_TRAIN[:-2], "--verbose", "1", "--output-dir", tiny_run)
+    assert code == 0
+    assert "holds a run: continuing it" in err and "training already finished" in out
+    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == checkpoints
+
+
+def test_caption_one_line_per_image_in_order(tiny_run, images, capsys):
+    paths = [*images["good"], images["odd"], images["jpeg"]]
+    code, out, err = run_cli(capsys, "caption", *paths, "--model", tiny_run, "--beam-size", "2")
+    assert code == 0, err
+    lines = out.split("\n")[:-1]
+    assert len(lines) == len(paths) and all(line.strip() for line in lines)
+    # --input FILE gives the same captions
+    listing = images["good"][0].parent / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    code, out_file, _ = run_cli(capsys, "caption", "--input", listing, "--model", tiny_run, "--beam-size", "2")
+    assert code == 0 and out_file == out
+
+
+@pytest.mark.parametrize("bad", ["not_image", "truncated"])
+def test_caption_skips_bad_images_with_a_warning_and_a_count(tiny_run, images, capsys, bad):
+    paths = [images["good"][0], images[bad], images["good"][1]]
+    code, out, err = run_cli(capsys, "caption", *paths, "--model", tiny_run, "--beam-size", "1")
+    assert code == 0
+    lines = out.split("\n")[:-1]
+    assert len(lines) == 3 and lines[0] and lines[1] == "" and lines[2]
+    assert f"warning: skipping image: {images[bad]}" in err
+    assert "skipped 1 of 3 images" in err
+    assert "Traceback" not in err
+
+
+def test_caption_on_error_raise_is_a_one_line_error(tiny_run, images, capsys):
+    code, out, err = run_cli(capsys, "caption", images["good"][0], images["not_image"], "--model", tiny_run, "--on-error", "raise")
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {images['not_image']}: ") and err.count("\n") == 1
+
+
+def test_caption_only_bad_or_missing_images(tiny_run, images, capsys):
+    code, _, err = run_cli(capsys, "caption", images["not_image"], "--model", tiny_run)
+    assert code == 2 and err.strip().endswith("error: none of the 1 images could be read")
+    code, _, err = run_cli(capsys, "caption", images["good"][0].parent / "missing.png", "--model", tiny_run, "--on-error", "raise")
+    assert code == 2 and "missing.png" in err and "Traceback" not in err
+
+
+def test_caption_errors_for_missing_model_and_bad_beam(tmp_path, images, capsys):
+    code, _, err = run_cli(capsys, "caption", images["good"][0], "--model", tmp_path / "nope")
+    assert code == 2 and "model not found" in err
+    code, _, err = run_cli(capsys, "caption", images["good"][0], "--beam-size", "0")
+    assert code == 2 and "--beam-size must be at least 1" in err
+
+
+def test_caption_plot_attention(tiny_run, images, tmp_path, capsys):
+    png = tmp_path / "attention.png"
+    code, _, err = run_cli(capsys, "caption", images["good"][0], "--model", tiny_run, "--plot-attention", png)
+    assert code == 0 and png.stat().st_size > 1000 and "attention of the first image" in err
+
+
+def test_evaluate_shapes_greedy_and_beam(tiny_export, tmp_path, capsys):
+    scores_file = tmp_path / "scores.json"
+    code, out, err = run_cli(
+        capsys, "evaluate", "--model", tiny_export.parent, "--shapes-test", "6", "--shapes-seed", "99",
+        "--beam-size", "2", "--json", scores_file, "--captions",
+    )
+    assert code == 0, err
+    assert "greedy: BLEU-1" in out and "beam 2: BLEU-1" in out and "BLEU-4" in out
+    scores = json.loads(scores_file.read_text())
+    assert scores["images"] == 6 and set(scores["searches"]) == {"greedy", "beam 2"}
+    for result in scores["searches"].values():
+        assert 0 <= result["bleu_4"] <= result["bleu_1"] <= 1
+        assert len(result["captions"]) == 6 and "words" in result and "localisation" in result
+
+
+def test_evaluate_tsv_with_missing_images(tiny_run, images, tmp_path, capsys):
+    tsv = tmp_path / "test.tsv"
+    tsv.write_text(f"{images['good'][0]}\ta red circle\n{tmp_path / 'gone.png'}\ta blue square\n")
+    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_run, "--tsv", tsv, "--beam-size", "1")
+    assert code == 2 and "1 of 2 images referenced by captions are missing" in err and "gone.png" in err
+    code, out, err = run_cli(capsys, "evaluate", "--model", tiny_run, "--tsv", tsv, "--beam-size", "1", "--on-missing", "skip")
+    assert code == 0 and "greedy: BLEU-1" in out and "(1 images;" in out
+    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_run)
+    assert code == 2 and "give the evaluation data one way" in err
+
+
+def test_train_rejects_bad_data_with_one_line_errors(tmp_path, images, capsys):
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("\n  \n")
+    missing = tmp_path / "missing.tsv"
+    missing.write_text(f"{images['good'][0]}\ta red circle\nnot_there.png\ta blue square\n")
+    cases = [
+        (["--train-tsv", empty], f"{empty}: caption file is empty"),
+        (["--train-tsv", missing], "1 of 2 images referenced by captions are missing: "),
+        (["--train-tsv", tmp_path / "nope.tsv"], "caption file not found"),
+        (["--shapes-train", "4", "--train-tsv", missing], "give the training data one way"),
+        (["--shapes-train", "4", "--backbone", "vgg"], "backbone must be one of"),
+        (["--shapes-train", "4", "--cache-features"], "--cache-features needs a frozen backbone"),
+    ]
+    for flags, message in cases:
+        code, _, err = run_cli(capsys, "train", *flags, "--output-dir", tmp_path / "run")
+        assert code == 2, flags
+        assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    code, _, err = run_cli(capsys, "train", "--shapes-train", "4")
+    assert code == 2 and "give an output directory" in err
+
+
+def test_train_all_bad_images_is_an_error_and_raise_mode_names_the_file(tmp_path, images, capsys):
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text(f"{images['not_image']}\ta red circle\n{images['good'][0]}\ta blue square\n")
+    code, _, err = run_cli(capsys, "train", "--train-tsv", tsv, "--on-error", "raise", "--output-dir", tmp_path / "run")
+    assert code == 2 and str(images["not_image"]) in err and "Traceback" not in err
+
+
+def test_train_tsv_and_karpathy_with_cached_features(tmp_path, images, capsys):
+    """A frozen backbone with cached features trains on TSV data; the run captions images (image model rebuilt)."""
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("".join(f"{p}\ta small red circle\n" for p in images["good"]) + f"{images['not_image']}\ta dog\n")
+    flags = ["--image-size", "32", "--units", "8", "--batch-size", "4", "--max-steps", "2", "--no-tensorboard", "--verbose", "0", "--no-validation-bleu"]
+    code, _, err = run_cli(
+        capsys, "train", "--train-tsv", tsv, "--no-fine-tune", "--cache-features", *flags, "--output-dir", tmp_path / "cached",
+    )
+    assert code == 0, err
+    assert "skipped 1 of 4 images" in err and (tmp_path / "cached" / "backbone.weights.h5").is_file()
+    code, out, err = run_cli(capsys, "caption", images["good"][0], "--model", tmp_path / "cached", "--beam-size", "1")
+    assert code == 0 and len(out.split("\n")) == 2, err
+    karpathy = tmp_path / "dataset.json"
+    entries = [
+        {"filename": p.name, "split": split, "sentences": [{"raw": "A small red circle."}]}
+        for p, split in zip(images["good"], ("train", "train", "val"))
+    ]
+    karpathy.write_text(json.dumps({"images": entries}))
+    code, _, err = run_cli(
+        capsys, "train", "--karpathy-json", karpathy, "--image-folder", images["good"][0].parent, *flags,
+        "--output-dir", tmp_path / "karpathy",
+    )
+    assert code == 0, err
+    assert "train: 2 images, 2 captions; valid: 1 images" in err
+
+
+def test_train_tfds_coco_mock(tmp_path, capsys):
+    import tensorflow_datasets as tfds
+
+    flags = ["--image-size", "32", "--units", "8", "--batch-size", "4", "--max-steps", "2", "--no-tensorboard", "--verbose", "0", "--no-validation-bleu"]
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        code, out, err = run_cli(
+            capsys, "train", "--tfds-name", "coco_captions", "--tfds-data-dir", tmp_path / "tfds",
+            "--tfds-max-examples", "4", "--tfds-valid-split", "val", *flags, "--output-dir", tmp_path / "coco",
+        )
+    assert code == 0, err
+    assert "train: 4 images" in err and "valid: 4 images" in err
+    assert (tmp_path / "coco" / "best.weights.h5").is_file()
+
+
+def test_export_signatures_and_in_process_equality(tiny_run, tiny_export, images):
+    import tensorflow as tf
+
+    from tasks.captioning.pipeline import CaptionRun
+
+    assert (tiny_export / "saved_model.pb").is_file() and (tiny_export / "assets.extra" / "config.yaml").is_file()
+    run = CaptionRun.load(tiny_run)
+    captioner = run.captioner(run.load_model())
+    data = tf.constant([p.read_bytes() for p in [*images["good"], images["odd"], images["jpeg"]]])
+    expected = captioner.caption_bytes(data, tf.constant(3), tf.constant(0.0))
+    loaded = tf.saved_model.load(str(tiny_export))
+    served = loaded.signatures["serving_default"](images=data)
+    assert set(served) == {"captions", "scores"}
+    assert served["captions"].numpy().tolist() == expected["captions"].numpy().tolist()
+    np.testing.assert_allclose(served["scores"].numpy(), expected["scores"].numpy(), rtol=1e-5, atol=1e-5)
+    detailed = loaded.signatures["caption_with_attention"](images=data, beam_size=tf.constant(1))
+    assert int(detailed["grid_height"]) == 4 and int(detailed["grid_width"]) == 4
+    attention = detailed["attention"].numpy()  # [N, T, 16]
+    lengths = detailed["lengths"].numpy()
+    assert attention.shape[:2] == detailed["tokens"].shape and attention.shape[2] == 16
+    for row, length in enumerate(lengths):
+        np.testing.assert_allclose(attention[row, :length].sum(-1), 1.0, atol=1e-4)
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import tensorflow as tf
+    model = tf.saved_model.load(sys.argv[1])
+    data = [open(path, "rb").read() for path in sys.argv[2:]]
+    out = model.signatures["serving_default"](images=tf.constant(data))
+    leaked = [m for m in sys.modules if m.split(".")[0] in ("seq2seq", "tasks")]
+    print(json.dumps({"captions": [c.decode() for c in out["captions"].numpy()],
+                      "scores": out["scores"].numpy().tolist(), "leaked": leaked}))
+    """
+)
+
+
+def test_export_loads_in_a_fresh_process_without_this_project(tiny_run, tiny_export, images, tmp_path, capsys):
+    paths = [*images["good"], images["jpeg"]]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # -I: isolated mode, so neither the working directory nor PYTHONPATH can put this project on sys.path.
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", FRESH_PROCESS, str(tiny_export), *map(str, paths)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh["leaked"] == []
+    code, out, _ = run_cli(capsys, "caption", *paths, "--model", tiny_run, "--beam-size", "3")
+    # The CLI loads with Pillow, the export decodes in-graph; PNG and same-size JPEG decode alike.
+    assert code == 0 and out.split("\n")[:-1] == fresh["captions"]
+
+
+def test_saved_model_cli_run(tiny_export, images):
+    data = images["good"][0].read_bytes()
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "saved_model_cli"), "run", "--dir", str(tiny_export), "--tag_set", "serve",
+         "--signature_def", "serving_default", "--input_exprs", f"images=[{data!r}]"],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Result for output key captions" in done.stdout and "Result for output key scores" in done.stdout
+    # The same with an object-dtype .npy through --inputs, for the attention signature.
+    npy = images["good"][0].parent / "images.npy"
+    np.save(npy, np.array([data, data], dtype=object), allow_pickle=True)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "saved_model_cli"), "run", "--dir", str(tiny_export), "--tag_set", "serve",
+         "--signature_def", "caption_with_attention", "--inputs", f"images={npy}", "--input_exprs", "beam_size=2"],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Result for output key attention" in done.stdout
+
+
+def test_export_holds_only_stock_tf_ops(tiny_export):
+    from seq2seq.serving_check import serving_op_report
+
+    report = serving_op_report(tiny_export)
+    assert report["py_func_ops"] == []
+    assert report["unregistered_ops"] == [] and report["tensorflow_text_ops"] == []
+    assert report["stock_tf_serving"], report
+    assert {"DecodeImage", "While"} & set(report["op_types"]) or "StatelessWhile" in report["op_types"]
+
+
+def test_export_refuses_an_existing_version(tiny_run, tiny_export, capsys):
+    code, _, err = run_cli(capsys, "export", "--run-dir", tiny_run, "--output", tiny_export.parent, "--version", "1")
+    assert code == 2 and "exists and is not empty" in err

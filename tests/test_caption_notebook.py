@@ -1,0 +1,49 @@
+"""notebooks/caption_images.ipynb runs top to bottom against the shipped captioner, with this venv's Python."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "caption_images.ipynb"
+SHIPPED = ROOT / "saved_models" / "shapes_captioner"
+
+
+def test_shipped_captioner_is_there_and_small():
+    versions = [p for p in SHIPPED.iterdir() if p.name.isdigit()]
+    assert versions and all((p / "saved_model.pb").is_file() for p in versions)
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert size < 20 * 1024 * 1024
+    assert "python -m seq2seq.caption train" in (SHIPPED / "COMMAND.md").read_text()
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    # A private "python3" kernelspec that runs this interpreter: JUPYTER_PATH comes before the
+    # user and system kernel folders, so no other Python can be picked up.
+    spec = tmp_path / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (seq2seq venv)", "language": "python",
+    }))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    monkeypatch.delenv("CAPTIONER_MODEL", raising=False)  # the shipped model, always
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    start = time.perf_counter()
+    client.execute()
+    elapsed = time.perf_counter() - start
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "loaded " in text and "shapes_captioner" in text and text.count("model:") == 4
+    figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
+    assert len(figures) == 4
+    assert elapsed < 90, f"the notebook took {elapsed:.0f} s"
+    assert os.environ.get("JUPYTER_PATH") == str(tmp_path)
