@@ -360,6 +360,19 @@ def test_evaluate_with_different_line_counts_is_one_error_line(capsys, tmp_path)
 # --- train -----------------------------------------------------------------------------------
 
 
+def test_sentencepiece_run_reports_validation_bleu_every_checkpoint(capsys, tmp_path, toy_corpus):
+    """Regression: seeding after the tokenizers existed freed the SentencePiece op's model, and
+    the first validation BLEU failed with "Resource ... SentencepieceOp ... does not exist"."""
+    code = cli(
+        "train", "--valid-source", toy_corpus / "valid.en", "--valid-target", toy_corpus / "valid.de",
+        "--scheme", "sentencepiece", "--source-vocab-size", 100, "--target-vocab-size", 100,
+        *[flag for flag in train_flags(toy_corpus, tmp_path / "run", steps=2) if flag != "--no-validation-bleu"],
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (captured.out + captured.err).count("validation BLEU (greedy):") == 1
+
+
 def test_train_from_tfds_mock_data(capsys, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     run_dir = tmp_path / "run"

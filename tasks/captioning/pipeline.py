@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
+from seq2seq import distribute
 from seq2seq.batching import plan_batches
 from seq2seq.decoders import AttentionDecoder
 from seq2seq.encoders import Bridge
@@ -495,44 +496,62 @@ class BleuCallback(keras.callbacks.Callback):
 
 def train(config, validation_bleu=True):
     """Trains (or resumes) the run in config.training.output_dir."""
+    # First: a multi-worker strategy must be set up before TensorFlow runs any op.
+    strategy = distribute.make_strategy(config.training.distribution)
+    chief = distribute.is_chief(strategy)
     run_dir = Path(config.training.output_dir)
     set_precision(config.training.precision)
-    if (run_dir / "config.yaml").is_file():
-        log(f"{run_dir} holds a run: continuing it with its saved config and vocabulary")
+    if chief:
+        existing = (run_dir / "config.yaml").is_file()
+        if existing:
+            log(f"{run_dir} holds a run: continuing it with its saved config and vocabulary")
+            run = CaptionRun.load(run_dir)
+            run.config.training = config.training
+            config = run.config
+        train_set, valid_set = read_split(config, "train"), read_split(config, "valid")
+        if not existing:
+            run = CaptionRun.create(config, train_set)
+        backbone_file = run.run_dir / BACKBONE_WEIGHTS_FILE
+        if run.config.model.cache_features and not backbone_file.is_file():
+            # The frozen backbone every worker and every later load computes features with.
+            keras.utils.set_random_seed(run.config.training.seed)
+            run.image_encoder().backbone.save_weights(backbone_file)
+    distribute.barrier(strategy)  # the other workers read the run dir once the chief has written it
+    if not chief:
+        if not (run_dir / "config.yaml").is_file():
+            raise DataError(f"{run_dir}: the chief's run directory is not visible here; the output dir "
+                            "must be on storage every worker sees (e.g. NFS or GCS)")
         run = CaptionRun.load(run_dir)
         run.config.training = config.training
-        config = run.config
-    train_set = read_split(config, "train")
-    valid_set = read_split(config, "valid")
-    if not (run_dir / "config.yaml").is_file():
-        run = CaptionRun.create(config, train_set)
+        train_set, valid_set = read_split(run.config, "train"), read_split(run.config, "valid")
     log(
         f"train: {len(train_set)} images, {sum(map(len, train_set.captions))} captions; valid: "
         f"{len(valid_set) if valid_set else 0} images; vocabulary: {len(run.vocab)} tokens"
     )
     m = run.config.model
+    keras.utils.set_random_seed(run.config.training.seed)  # the same initial weights on every run and worker
+    with distribute.scope(strategy):
+        if m.cache_features:
+            image_encoder = run.image_encoder()
+            model = run.build_feature_model(image_encoder)
+        else:
+            model = run.build_model()
+        trainer = Trainer(model, run.config.training, strategy)
     if m.cache_features:
-        image_encoder = run.image_encoder()
-        backbone_file = run.run_dir / BACKBONE_WEIGHTS_FILE
-        if not backbone_file.is_file():
-            image_encoder.backbone.save_weights(backbone_file)
         log(f"caching {m.backbone} features of {len(train_set)} training images")
         train_sources = compute_features(image_encoder, train_set.images)
         valid_sources = compute_features(image_encoder, valid_set.images) if valid_set else None
-        model = run.build_feature_model(image_encoder)
     else:
         train_sources, valid_sources = train_set.images, valid_set.images if valid_set else None
-        model = run.build_model()
     log(f"model: {model.count_params():,} parameters")
     batches = make_batches(run, train_set, train_sources, shuffle=True, report_name="train")
     validation, callbacks = None, []
     if valid_set:
-        validation = make_batches(run, valid_set, valid_sources, shuffle=False, report_name="valid").epoch_dataset(0)
+        validation = make_batches(run, valid_set, valid_sources, shuffle=False, report_name="valid")
         if validation_bleu:
             grid = (image_encoder if m.cache_features else model.encoder).grid_size
             captioner = Captioner(model, run.vocab, run.tokenizer, m.image_size, grid, run.config.data.max_caption_length)
             callbacks.append(BleuCallback(captioner, valid_sources, valid_set.captions))
-    trainer = Trainer(model, run.config.training)
     trainer.fit(batches, validation=validation, callbacks=callbacks)
     return run, model
 

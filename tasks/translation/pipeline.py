@@ -282,6 +282,9 @@ def train(config, validation_bleu=True):
     # First: a multi-worker strategy must be set up before TensorFlow runs any op.
     strategy = distribute.make_strategy(config.training.distribution)
     chief = distribute.is_chief(strategy)
+    # The same initial weights on every run and worker. Seeded before any tokenizer exists:
+    # seeding clears TF's eager kernel cache, which would free the SentencePiece op's model.
+    keras.utils.set_random_seed(config.training.seed)
     run_dir = Path(config.training.output_dir)
     set_precision(config.training.precision)
     train_sources, train_targets = read_pairs(config, "train")
@@ -308,7 +311,6 @@ def train(config, validation_bleu=True):
     callbacks = []
     if valid_sources:
         validation = make_batches(run, valid_sources, valid_targets, shuffle=False, report_name="valid")
-    keras.utils.set_random_seed(run.config.training.seed)  # the same initial weights on every run and worker
     with distribute.scope(strategy):
         model = run.build_model()
         trainer = Trainer(model, run.config.training, strategy)
