@@ -1,0 +1,79 @@
+"""Transformer models through `python -m seq2seq.translate`: the config's encoder_type and
+decoder_type choose them, and train, translate, export and the serving signature are unchanged."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from conftest import SAMPLE_SENTENCES, TINY_MODEL, cli
+from seq2seq import serving_check
+from seq2seq.transformer import TransformerDecoder, TransformerEncoder
+from tasks.translation.config import ModelConfig
+from tasks.translation.pipeline import TranslationRun
+
+TRANSFORMER_FLAGS = ["--num-heads", "2", "--encoder-layers", "2", "--decoder-layers", "1", "--ffn-dim", "32"]
+
+
+def train(tmp_path, corpus, encoder_type, decoder_type):
+    run_dir = tmp_path / f"{encoder_type}_{decoder_type}"
+    code = cli(
+        "train", "--train-source", corpus / "train.en", "--train-target", corpus / "train.de",
+        "--valid-source", corpus / "valid.en", "--valid-target", corpus / "valid.de",
+        "--max-steps", 20, "--steps-per-checkpoint", 10, "--no-validation-bleu", "--output-dir", run_dir,
+        "--encoder-type", encoder_type, "--decoder-type", decoder_type, *TINY_MODEL, *TRANSFORMER_FLAGS,
+    )
+    assert code == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def transformer_run(tmp_path_factory, toy_corpus):
+    return train(tmp_path_factory.mktemp("transformer"), toy_corpus, "transformer", "transformer")
+
+
+def test_config_selects_transformer_layers_and_saves_them(transformer_run):
+    saved = yaml.safe_load((transformer_run / "config.yaml").read_text())["model"]
+    assert saved["encoder_type"] == saved["decoder_type"] == "transformer" and saved["num_heads"] == 2
+    run = TranslationRun.load(transformer_run)
+    model = run.load_model()
+    assert isinstance(model.encoder, TransformerEncoder) and isinstance(model.decoder, TransformerDecoder)
+    assert model.encoder.num_layers == 2 and model.decoder.num_layers == 1
+
+
+def test_export_serves_the_translations_of_the_in_process_translator(transformer_run, tmp_path, capsys):
+    assert cli("export", "--run-dir", transformer_run, "--output", tmp_path / "export", "--version", 1) == 0
+    served = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["serving_default"]
+    outputs = served(texts=tf.constant(SAMPLE_SENTENCES))
+    run = TranslationRun.load(transformer_run)
+    translator = run.translator(run.load_model())
+    expected = translator.translate(tf.constant(SAMPLE_SENTENCES), beam_size=5, n_best=1, length_penalty=0.6)
+    assert [t.decode() for t in outputs["translations"].numpy()] == [
+        t.decode() for t in expected["translations"].numpy()
+    ]
+    np.testing.assert_allclose(outputs["scores"].numpy(), expected["scores"].numpy(), atol=1e-5)
+    report = serving_check.serving_op_report(tmp_path / "export" / "1")
+    assert report["ok"] and report["py_func_ops"] == [] and report["stock_tf_serving"]
+
+
+def test_translate_with_attention_plot_from_a_transformer_run(transformer_run, tmp_path, capsys):
+    png = tmp_path / "alignment.png"
+    assert cli("translate", "--model", transformer_run, "--plot-alignment", png, *SAMPLE_SENTENCES) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(SAMPLE_SENTENCES) and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("encoder_type, decoder_type", [("rnn", "transformer"), ("transformer", "rnn")])
+def test_mixed_models_train_and_translate(tmp_path, toy_corpus, capsys, encoder_type, decoder_type):
+    run_dir = train(tmp_path, toy_corpus, encoder_type, decoder_type)
+    model = TranslationRun.load(run_dir).load_model()
+    assert isinstance(model.encoder, TransformerEncoder) == (encoder_type == "transformer")
+    assert isinstance(model.decoder, TransformerDecoder) == (decoder_type == "transformer")
+    capsys.readouterr()
+    assert cli("translate", "--model", run_dir, "--beam-size", 3, *SAMPLE_SENTENCES) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(SAMPLE_SENTENCES)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="encoder_type must be one of"):
+        ModelConfig(encoder_type="convolutional")
