@@ -397,12 +397,16 @@ def restore_model_weights(model, checkpoint_path):
     Reads the full variable list, and for older checkpoints without it the trainable
     weights through the optimizer's variable list. Checks that every trainable weight was found.
     """
-    optimizer = keras.optimizers.Adam()
-    optimizer.build(model.trainable_variables)
     before = [v.numpy().copy() for v in model.trainable_variables]
+    # Only the optimizer's list of the weights it trains: a real optimizer would also match its
+    # own slots by position, which differ with the learning-rate type.
+    optimizer = tf.Module()
+    optimizer._trainable_variables = [v.value for v in model.trainable_variables]
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, model_variables=_all_variables(model))
-    status = checkpoint.restore(str(checkpoint_path))
-    status.expect_partial()
+    try:
+        checkpoint.restore(str(checkpoint_path)).expect_partial()
+    except (ValueError, tf.errors.OpError) as error:
+        raise TrainingError(f"{checkpoint_path}: does not fit this model ({error})") from None
     untouched = [
         v.path for v, old in zip(model.trainable_variables, before)
         if v.numpy().size > 1 and np.array_equal(v.numpy(), old)

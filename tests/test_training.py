@@ -14,7 +14,15 @@ import tensorflow as tf
 from seq2seq.batching import plan_batches
 from seq2seq.losses import MaskedCrossEntropy, WarmupDecay
 from seq2seq.model import build_rnn_model
-from seq2seq.training import Trainer, TrainingConfig, TrainingError, average_checkpoints, sequence_batches, set_precision
+from seq2seq.training import (
+    Trainer,
+    TrainingConfig,
+    TrainingError,
+    average_checkpoints,
+    restore_model_weights,
+    sequence_batches,
+    set_precision,
+)
 
 VOCAB = 12  # 0 pad, 1 unused, 2 start, 3 end, 4..11 symbols
 
@@ -244,6 +252,19 @@ def test_average_checkpoints_into_a_new_model(short_run):
     for v, value in zip(averaged.trainable_weights, expected):
         np.testing.assert_allclose(v.numpy(), value, atol=1e-6, err_msg=v.path)
 
+
+
+def test_restore_weights_from_a_checkpoint_of_model_and_optimizer_only(short_run, tmp_path):
+    """Checkpoints written before the full variable list was added hold the weights in the
+    model's object graph and the optimizer's list (here with a schedule, so no learning-rate
+    variable); a fresh model gets every trainable weight back."""
+    model, trainer, *_ = short_run
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(str(tmp_path / "old"))
+    fresh = restore_model_weights(build_rnn_model(VOCAB, VOCAB, cell_type="gru", units=8, dropout=0.3), path)
+    for v, expected in zip(fresh.trainable_weights, model.trainable_weights):
+        np.testing.assert_array_equal(v.numpy(), expected.numpy(), err_msg=v.path)
+    with pytest.raises(TrainingError, match="does not (fit this model|hold weights for)"):
+        restore_model_weights(build_rnn_model(VOCAB, VOCAB, cell_type="lstm", units=8), path)
 
 # Failures and speed-ups ----------------------------------------------------------------
 
