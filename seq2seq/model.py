@@ -1,5 +1,7 @@
 """The encoder-decoder model: any encoder, a bridge, and a decoder with the step contract."""
 
+import warnings
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -114,6 +116,31 @@ class Seq2SeqModel(keras.Model):
 
     def build_from_config(self, config):
         self.build()
+
+
+class ExportedModel:
+    """A Keras model held by an exported tf.Module (Translator, Captioner) for its tf.functions.
+
+    TF's object tracking does not see this holder; the module tracks `variables` instead, the
+    model's backing tf.Variables. So the SavedModel holds every weight exactly once: tracking
+    the Keras variables as well stores each weight a second time, and tracking the Keras model
+    alone misses the weights of layers kept in nested lists.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.variables = [variable.value for variable in model.variables]
+
+
+def quantize_weights(model):
+    """Stores the kernels of the model's Dense and Embedding layers as int8, with one float
+    scale per output channel, for a ~4x smaller export; activations stay float (weight-only,
+    so inference speed is nearly unchanged). The model is then for inference only."""
+    with warnings.catch_warnings():
+        # Every other layer (RNN cells, dropout, ...) keeps float weights, as intended.
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        model.quantize(config=keras.quantizers.Int8QuantizationConfig(activation_quantizer=None))
+    return model
 
 
 def doubly_stochastic_penalty(attention, target_in):

@@ -147,6 +147,10 @@ def command_export(args):
     check_search_flags(args)
     run = TranslationRun.load(args.run_dir)
     model = run.load_model(weights=args.weights, average_last=args.average_last)
+    if args.quantize == "int8":
+        from seq2seq.model import quantize_weights
+
+        quantize_weights(model)
     model_dir = Path(args.output)
     version = args.version or next_version(model_dir)
     path = export(run, model, model_dir / str(version), args.beam_size, args.length_penalty, args.replace_unknown)
@@ -209,6 +213,9 @@ def build_parser():
     export.add_argument("--replace-unknown", action="store_true", help="replace <unk> outputs by the most attended source word")
     export.add_argument("--weights", choices=("best", "last"), default="best", help="which weights (default: best)")
     export.add_argument("--average-last", type=int, metavar="N", help="export the average of the last N checkpoints")
+    export.add_argument("--quantize", choices=("none", "int8"), default="none",
+                        help="int8: Dense and Embedding weights stored as int8 with per-channel scales, "
+                             "about 4x smaller (default: none)")
     export.set_defaults(handler=command_export)
     return parser
 

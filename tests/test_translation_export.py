@@ -202,3 +202,27 @@ def test_translate_signature_beam_size_1_is_greedy_and_n_best_works(word_model, 
     # A batch of only empty sources (no token at all) is served too.
     empty = word_export.signatures["serving_default"](texts=tf.constant(["", " \t"]))
     assert decode(empty["translations"]) == ["", ""] and empty["scores"].numpy().tolist() == [0.0, 0.0]
+
+
+def test_int8_export_is_smaller_servable_and_scores_close_to_float(word_model, word_export, tmp_path):
+    from conftest import cli
+
+    assert cli("export", "--run-dir", word_model[0], "--output", tmp_path, "--version", 1, "--quantize", "int8") == 0
+
+    def weight_dtypes(export_dir):
+        reader = tf.train.load_checkpoint(str(Path(export_dir) / "variables" / "variables"))
+        return [dtype.name for dtype in reader.get_variable_to_dtype_map().values()]
+
+    def weight_bytes(export_dir):
+        return sum(f.stat().st_size for f in (Path(export_dir) / "variables").iterdir())
+
+    # Both embeddings, the output layer and the attention projections hold int8 kernels.
+    assert weight_dtypes(tmp_path / "1").count("int8") >= 4 and "int8" not in weight_dtypes(word_model[1])
+    assert weight_bytes(tmp_path / "1") < 0.85 * weight_bytes(word_model[1])
+    report = serving_check.serving_op_report(tmp_path / "1")
+    assert report["ok"] and report["stock_tf_serving"] and report["py_func_ops"] == []
+    quantized = tf.saved_model.load(str(tmp_path / "1")).signatures["serving_default"]
+    float_scores = word_export.signatures["serving_default"](texts=tf.constant(SAMPLE_SENTENCES))["scores"]
+    int8_scores = quantized(texts=tf.constant(SAMPLE_SENTENCES))["scores"]
+    # Per-channel int8 weights change the log-probabilities by far less than a token's worth.
+    np.testing.assert_allclose(int8_scores.numpy(), float_scores.numpy(), atol=0.05)

@@ -12,6 +12,8 @@ image_size x image_size model input.
 
 import tensorflow as tf
 
+from seq2seq.model import ExportedModel
+
 IMAGES_SPEC = tf.TensorSpec([None], tf.string, name="images")
 BEAM_SPEC = tf.TensorSpec([], tf.int32, name="beam_size")
 PENALTY_SPEC = tf.TensorSpec([], tf.float32, name="length_penalty")
@@ -27,10 +29,8 @@ class Captioner(tf.Module):
 
     def __init__(self, model, vocab, tokenizer, image_size, grid_size, max_length=30, name=None):
         super().__init__(name=name)
-        self.model = model
-        # Keras 3 keeps nested layer lists out of TF's object graph; listing the backing
-        # tf.Variables here makes every weight part of the SavedModel.
-        self.model_variables = [variable.value for variable in model.variables]
+        self._exported = ExportedModel(model)
+        self.model_variables = self._exported.variables
         self.vocab = vocab
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
@@ -40,6 +40,10 @@ class Captioner(tf.Module):
         self.caption = tf.function(self._caption, input_signature=[pixels_spec, BEAM_SPEC, PENALTY_SPEC])
         self.caption_bytes = tf.function(self._caption_bytes, input_signature=[IMAGES_SPEC, BEAM_SPEC, PENALTY_SPEC])
         self.info = tf.function(self._info, input_signature=[])
+
+    @property
+    def model(self):
+        return self._exported.model
 
     def _info(self):
         """{"image_size", "grid_height", "grid_width", "max_length"}: int32 scalars."""

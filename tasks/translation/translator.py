@@ -7,6 +7,7 @@ and what `export` writes into the SavedModel, so both run the very same graph.
 import tensorflow as tf
 
 from seq2seq.decoding import max_length_from_source
+from seq2seq.model import ExportedModel
 from seq2seq.text import PAD_ID, UNK
 
 TEXT_SPEC = tf.TensorSpec([None], tf.string, name="texts")
@@ -36,10 +37,8 @@ class Translator(tf.Module):
         name=None,
     ):
         super().__init__(name=name)
-        self.model = model
-        # Keras 3 keeps nested layer lists out of TF's object graph; listing the backing
-        # tf.Variables here makes every weight part of the SavedModel.
-        self.model_variables = [variable.value for variable in model.variables]
+        self._exported = ExportedModel(model)
+        self.model_variables = self._exported.variables
         self.source_tokenizer = source_tokenizer
         self.target_tokenizer = target_tokenizer
         self.source_vocab = source_vocab
@@ -48,6 +47,10 @@ class Translator(tf.Module):
         self.length_ratio = length_ratio
         self.length_offset = length_offset
         self.replace_unknown = replace_unknown
+
+    @property
+    def model(self):
+        return self._exported.model
 
     @tf.function(
         input_signature=[
