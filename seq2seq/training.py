@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import tempfile
 import weakref
 from pathlib import Path
@@ -309,8 +310,21 @@ class Trainer:
     def restore(self):
         """Restores the latest checkpoint, if any; returns its path or None."""
         latest = self.latest_checkpoint
-        if latest:
+        if not latest:
+            return None
+        if any(name.startswith("model_variables/") for name, _ in tf.train.list_variables(latest)):
             self.checkpoint.restore(latest).assert_existing_objects_matched()
+            return latest
+        # A checkpoint from before the full variable list: weights, optimizer and counters only.
+        legacy = tf.train.Checkpoint(
+            model=self.model, optimizer=self.model.optimizer, chunk=self.chunk, best=self.best, bad_chunks=self.bad_chunks
+        )
+        legacy.restore(latest).assert_existing_objects_matched()
+        print(
+            f"warning: {latest} predates full-variable checkpoints: dropout random state and "
+            "normalization statistics start afresh",
+            file=sys.stderr,
+        )
         return latest
 
     def fit(self, batches: PlannedBatches, validation=None, callbacks=()):

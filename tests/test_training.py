@@ -266,6 +266,25 @@ def test_restore_weights_from_a_checkpoint_of_model_and_optimizer_only(short_run
     with pytest.raises(TrainingError, match="does not (fit this model|hold weights for)"):
         restore_model_weights(build_rnn_model(VOCAB, VOCAB, cell_type="lstm", units=8), path)
 
+
+def test_trainer_resumes_from_a_checkpoint_without_the_full_variable_list(tmp_path, capsys):
+    keras.utils.set_random_seed(0)
+    model = build_rnn_model(VOCAB, VOCAB, cell_type="gru", units=8)
+    trainer = Trainer(model, config(tmp_path, max_steps=4, steps_per_checkpoint=2))
+    trainer.fit(reverse_batches(reverse_data(64, seed=0), batch_size=16))
+    legacy = tf.train.Checkpoint(
+        model=model, optimizer=model.optimizer, chunk=trainer.chunk, best=trainer.best, bad_chunks=trainer.bad_chunks
+    )
+    tf.train.CheckpointManager(legacy, str(tmp_path / "checkpoints"), max_to_keep=1).save()
+    weights = [v.numpy().copy() for v in model.trainable_weights]
+
+    fresh = build_rnn_model(VOCAB, VOCAB, cell_type="gru", units=8)
+    resumed = Trainer(fresh, config(tmp_path, max_steps=4, steps_per_checkpoint=2))
+    assert resumed.restore() is not None and resumed.step == 4
+    assert "predates full-variable checkpoints" in capsys.readouterr().err
+    for v, expected in zip(fresh.trainable_weights, weights):
+        np.testing.assert_array_equal(v.numpy(), expected, err_msg=v.path)
+
 # Failures and speed-ups ----------------------------------------------------------------
 
 
