@@ -7,8 +7,9 @@ excluded), decoding speed over Multi30k test_2016_flickr (greedy and beam 5, bat
 single-sentence latency p50/p95 through the exported SavedModel, and peak RSS.
 Reference config: 1-layer bidirectional LSTM encoder (256 a direction), 1-layer LSTM decoder
 (256) with Luong attention and input feeding, ~8k-word vocabularies, batch 64.
-With --run-dir, decoding uses that trained run (decoding speed depends on output lengths,
-so an untrained model is not representative); training speed always uses the reference config.
+With --run-dir, training speed is measured on a fresh model of that run's architecture,
+tokenization and batch size, and decoding uses the run's trained weights (decoding speed
+depends on output lengths, so an untrained model is not representative).
 """
 
 import argparse
@@ -60,10 +61,16 @@ class StepTimer(keras.callbacks.Callback):
 def bench_training(args, workdir):
     from seq2seq.training import set_precision
 
-    config = reference_config(workdir / "train", args.precision, args.jit, args.pad_to_multiple)
     set_precision(args.precision)
-    sources, targets = read_pairs(config, "train")
-    run = TranslationRun.create(config, sources, targets)
+    if args.run_dir:
+        # The run's architecture, tokenization and batching, freshly initialised.
+        run = TranslationRun.load(args.run_dir)
+        run.config.batching.pad_to_multiple = args.pad_to_multiple
+        sources, targets = read_pairs(run.config, "train")
+    else:
+        config = reference_config(workdir / "train", args.precision, args.jit, args.pad_to_multiple)
+        sources, targets = read_pairs(config, "train")
+        run = TranslationRun.create(config, sources, targets)
     batches = make_batches(run, sources, targets, shuffle=True, report_name="train")
     model = run.build_model()
     model.compile(
@@ -119,7 +126,7 @@ def read_lines(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", help="a trained run to measure decoding on (default: the benchmark's own model)")
+    parser.add_argument("--run-dir", help="a trained run to measure (default: the reference config, untrained)")
     parser.add_argument("--precision", default="float32", choices=("float32", "bf16"))
     parser.add_argument("--jit", action="store_true", help="XLA-compile the train step")
     parser.add_argument("--pad-to-multiple", type=int, default=1)
@@ -138,6 +145,8 @@ def main():
         if args.run_dir:
             run = TranslationRun.load(args.run_dir)
             model = run.load_model()
+            print(f"{args.run_dir}: {model.count_params():,} parameters "
+                  f"({run.config.model.encoder_type} encoder, {run.config.model.decoder_type} decoder)")
         if run is None:
             sys.exit("error: --skip-training needs --run-dir")
         if not args.skip_decoding:
