@@ -15,4 +15,24 @@ from seq2seq.model import Seq2SeqModel, build_rnn_model
 from seq2seq.rnn import RecurrentCell
 from seq2seq.transformer import TransformerDecoder, TransformerEncoder, bridge_for, build_transformer_model
 
+__all__ = [
+    "AttentionDecoder",
+    "BahdanauAttention",
+    "Bridge",
+    "DecodingResult",
+    "LuongAttention",
+    "RNNEncoder",
+    "RecurrentCell",
+    "Seq2SeqModel",
+    "TransformerDecoder",
+    "TransformerEncoder",
+    "beam_search",
+    "bridge_for",
+    "build_rnn_model",
+    "build_transformer_model",
+    "greedy_search",
+    "max_length_from_source",
+    "sampling_search",
+    "sequence_score",
+]
 __version__ = "0.1.0"

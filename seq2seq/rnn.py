@@ -48,15 +48,13 @@ class RecurrentCell(keras.layers.Layer):
         self.recurrent_kernel = self.add_weight(
             name="recurrent_kernel", shape=(self.units, width), initializer="orthogonal"
         )
-        bias_init = "zeros"
-        if self.cell_type == "lstm":
-            units = self.units
+        units = self.units
 
-            def bias_init(shape, dtype=None):
-                # Forget-gate bias of one (Jozefowicz et al., 2015).
-                return ops.concatenate(
-                    [ops.zeros((units,)), ops.ones((units,)), ops.zeros((2 * units,))]
-                )
+        def forget_gate_bias(shape, dtype=None):
+            # Forget-gate bias of one (Jozefowicz et al., 2015).
+            return ops.concatenate([ops.zeros((units,)), ops.ones((units,)), ops.zeros((2 * units,))])
+
+        bias_init = forget_gate_bias if self.cell_type == "lstm" else "zeros"
 
         self.bias = self.add_weight(name="bias", shape=(width,), initializer=bias_init)
         if self.cell_type == "gru":

@@ -1,10 +1,8 @@
 """Translation run configuration: YAML file sections, overridable by command-line flags."""
 
 import dataclasses
-from pathlib import Path
 
-import yaml
-
+from seq2seq.config import SectionedConfig
 from seq2seq.training import TrainingConfig
 
 
@@ -117,7 +115,7 @@ class BatchConfig:
 
 
 @dataclasses.dataclass
-class TranslationConfig:
+class TranslationConfig(SectionedConfig):
     data: DataConfig
     tokenization: TokenizationConfig
     model: ModelConfig
@@ -131,38 +129,6 @@ class TranslationConfig:
         "batching": BatchConfig,
         "training": TrainingConfig,
     }
-
-    @classmethod
-    def from_dict(cls, values):
-        unknown = set(values) - set(cls.SECTIONS)
-        if unknown:
-            raise ValueError(f"unknown config sections {sorted(unknown)}; expected {sorted(cls.SECTIONS)}")
-        sections = {}
-        for name, section_class in cls.SECTIONS.items():
-            fields = {f.name for f in dataclasses.fields(section_class)}
-            given = values.get(name) or {}
-            unknown = set(given) - fields
-            if unknown:
-                raise ValueError(f"unknown keys in config section {name!r}: {sorted(unknown)}; expected some of {sorted(fields)}")
-            sections[name] = section_class(**given)
-        return cls(**sections)
-
-    def to_dict(self):
-        return {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
-
-    def save(self, path):
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    @classmethod
-    def load(cls, path):
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: config file not found")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from None
-        return cls.from_dict(values)
 
 
 def section_fields(section):
