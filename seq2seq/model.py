@@ -135,11 +135,19 @@ class ExportedModel:
 def quantize_weights(model):
     """Stores the kernels of the model's Dense and Embedding layers as int8, with one float
     scale per output channel, for a ~4x smaller export; activations stay float (weight-only,
-    so inference speed is nearly unchanged). The model is then for inference only."""
+    so inference speed is nearly unchanged). The model is then for inference only.
+
+    A decoder embedding tied to the output projection stays float: the projection reads its
+    matrix directly, which would see the int8 values without their scales."""
+    decoder = model.decoder
+    tied = decoder.embedding if getattr(decoder, "tie_embeddings", False) else None
     with warnings.catch_warnings():
         # Every other layer (RNN cells, dropout, ...) keeps float weights, as intended.
         warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        model.quantize(config=keras.quantizers.Int8QuantizationConfig(activation_quantizer=None))
+        model.quantize(
+            config=keras.quantizers.Int8QuantizationConfig(activation_quantizer=None),
+            filters=lambda layer: layer is not tied,
+        )
     return model
 
 

@@ -1,6 +1,7 @@
 """Transformer models through `python -m seq2seq.translate`: the config's encoder_type and
 decoder_type choose them, and train, translate, export and the serving signature are unchanged."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -77,3 +78,18 @@ def test_mixed_models_train_and_translate(tmp_path, toy_corpus, capsys, encoder_
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="encoder_type must be one of"):
         ModelConfig(encoder_type="convolutional")
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_int8_weights_keep_the_logits_of_a_model_with_tied_embeddings(tie_embeddings):
+    from seq2seq.model import quantize_weights
+    from seq2seq.transformer import build_transformer_model
+
+    keras.utils.set_random_seed(0)
+    model = build_transformer_model(30, 30, num_layers=1, units=32, num_heads=2, tie_embeddings=tie_embeddings)
+    source = np.random.default_rng(0).integers(4, 30, size=(2, 7))
+    target_in = np.random.default_rng(1).integers(4, 30, size=(2, 5))
+    before = model({"source": source, "target_in": target_in}).numpy()
+    after = quantize_weights(model)({"source": source, "target_in": target_in}).numpy()
+    assert any(v.dtype == "int8" for v in model.weights)
+    np.testing.assert_allclose(after, before, atol=0.05 * np.abs(before).max())
