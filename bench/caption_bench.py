@@ -26,24 +26,13 @@ from PIL import Image  # noqa: E402
 
 from seq2seq.losses import MaskedCrossEntropy  # noqa: E402
 from seq2seq.training import TrainingConfig  # noqa: E402
+from timing import StepTimer  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
 from tasks.captioning.pipeline import (  # noqa: E402
     BatchConfig, CaptionConfig, CaptionRun, DataConfig, ModelConfig, caption_images, make_batches, read_split,
     shapes_test_set,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class StepTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def bench_training(args, workdir):

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from seq2seq.training import TrainingConfig  # noqa: E402
+from timing import StepTimer  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
 from tasks.translation.config import BatchConfig, DataConfig, ModelConfig, TokenizationConfig, TranslationConfig  # noqa: E402
 from tasks.translation.pipeline import TranslationRun, export, make_batches, read_pairs, translate_lines  # noqa: E402
 
@@ -44,18 +45,6 @@ def reference_config(output_dir, precision, jit, pad_to_multiple):
         batching=BatchConfig(batch_size=64, pad_to_multiple=pad_to_multiple),
         training=TrainingConfig(output_dir=str(output_dir), precision=precision, jit_compile=jit, tensorboard=False, verbose=0),
     )
-
-
-class StepTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def bench_training(args, workdir):
