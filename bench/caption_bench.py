@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from seq2seq import cli  # noqa: E402
 from seq2seq.losses import MaskedCrossEntropy  # noqa: E402
 from seq2seq.training import TrainingConfig  # noqa: E402
 from timing import StepTimer  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
@@ -58,9 +59,7 @@ def bench_training(args, workdir):
 
 
 def bench_captioning(args):
-    model_dir = Path(args.model)
-    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.name.isdigit())
-    export_dir = versions[-1][1] if versions else model_dir
+    export_dir = cli.model_path(args.model)
     model = tf.saved_model.load(str(export_dir))
     image_size = int(model.info()["image_size"])
     test = shapes_test_set(args.images, 4242, image_size)

@@ -18,15 +18,9 @@ def resolve_model(path, weights="best"):
 
     from tasks.captioning.pipeline import CaptionRun
 
-    path = Path(path)
-    if not path.exists():
-        raise cli.CommandError(f"{path}: model not found (give a SavedModel, a TF Serving model dir or a run dir)")
+    path = cli.model_path(path)
     if weights != "best" and not (path / "config.yaml").is_file():
         raise cli.CommandError("--weights needs --model to be a run directory")
-    if not (path / "saved_model.pb").is_file():
-        versions = sorted((int(p.name), p) for p in path.glob("*") if p.name.isdigit() and (p / "saved_model.pb").is_file())
-        if versions:
-            path = versions[-1][1]
     if (path / "saved_model.pb").is_file():
         model = tf.saved_model.load(str(path))
         if not hasattr(model, "caption") or not hasattr(model, "info"):
@@ -173,12 +167,12 @@ def command_evaluate(args):
 
 
 def command_export(args):
-    from tasks.captioning.pipeline import CaptionRun, export, next_version
+    from tasks.captioning.pipeline import CaptionRun, export
 
     run = CaptionRun.load(args.run_dir)
     model = run.load_model(weights=args.weights)
     model_dir = Path(args.output)
-    version = args.version or next_version(model_dir)
+    version = args.version or cli.next_version(model_dir)
     path = export(run, model, model_dir / str(version), args.beam_size, args.length_penalty)
     print(f"exported: {path}")
 

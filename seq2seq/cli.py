@@ -6,6 +6,7 @@ import os
 import sys
 import types
 import typing
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -69,6 +70,28 @@ def run_main(handler, args):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def versions(model_dir):
+    """(number, folder) of the SavedModel versions in a TF Serving model dir, lowest first."""
+    found = [(int(p.name), p) for p in Path(model_dir).glob("*") if p.name.isdigit()]
+    return sorted((number, folder) for number, folder in found if (folder / "saved_model.pb").is_file())
+
+
+def next_version(model_dir):
+    """The next free integer version folder under a TF Serving model directory."""
+    numbers = [int(p.name) for p in Path(model_dir).glob("*") if p.name.isdigit()]
+    return max(numbers, default=0) + 1
+
+
+def model_path(path):
+    """`path` itself, or for a TF Serving model dir its highest SavedModel version; an error
+    when nothing is there."""
+    path = Path(path)
+    if not path.exists():
+        raise CommandError(f"{path}: model not found (give a SavedModel, a TF Serving model dir or a run dir)")
+    found = [] if (path / "saved_model.pb").is_file() else versions(path)
+    return found[-1][1] if found else path
 
 
 def read_input_lines(path=None):

@@ -18,13 +18,7 @@ def resolve_model(path):
 
     from tasks.translation.pipeline import TranslationRun
 
-    path = Path(path)
-    if not path.exists():
-        raise cli.CommandError(f"{path}: model not found (give a SavedModel, a TF Serving model dir or a run dir)")
-    if not (path / "saved_model.pb").is_file():
-        versions = sorted((int(p.name), p) for p in path.glob("*") if p.name.isdigit() and (p / "saved_model.pb").is_file())
-        if versions:
-            path = versions[-1][1]
+    path = cli.model_path(path)
     if (path / "saved_model.pb").is_file():
         return tf.saved_model.load(str(path))
     if (path / "config.yaml").is_file():
@@ -142,7 +136,7 @@ def command_evaluate(args):
 
 
 def command_export(args):
-    from tasks.translation.pipeline import TranslationRun, export, next_version
+    from tasks.translation.pipeline import TranslationRun, export
 
     check_search_flags(args)
     run = TranslationRun.load(args.run_dir)
@@ -152,7 +146,7 @@ def command_export(args):
 
         quantize_weights(model)
     model_dir = Path(args.output)
-    version = args.version or next_version(model_dir)
+    version = args.version or cli.next_version(model_dir)
     path = export(run, model, model_dir / str(version), args.beam_size, args.length_penalty, args.replace_unknown)
     print(f"exported: {path}")
 

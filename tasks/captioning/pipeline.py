@@ -537,7 +537,3 @@ def export(run, model, export_dir, beam_size=3, length_penalty=0.0):
     return export_dir
 
 
-def next_version(model_dir):
-    """The next free integer version folder under a TF Serving model directory."""
-    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.name.isdigit()]
-    return max(versions, default=0) + 1

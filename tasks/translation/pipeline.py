@@ -338,12 +338,6 @@ def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unkn
     return export_dir
 
 
-def next_version(model_dir):
-    """The next free integer version folder under a TF Serving model directory."""
-    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.name.isdigit()]
-    return max(versions, default=0) + 1
-
-
 def corpus_scores(hypotheses, references):
     """sacreBLEU (cased, 13a) and chrF with their signatures."""
     bleu = sacrebleu.metrics.BLEU()
