@@ -481,9 +481,7 @@ def train(config, validation_bleu=True):
             run.image_encoder().backbone.save_weights(backbone_file)
     distribute.barrier(strategy)  # the other workers read the run dir once the chief has written it
     if not chief:
-        if not (run_dir / "config.yaml").is_file():
-            raise DataError(f"{run_dir}: the chief's run directory is not visible here; the output dir "
-                            "must be on storage every worker sees (e.g. NFS or GCS)")
+        distribute.check_chief_wrote(run_dir)
         run = CaptionRun.load(run_dir)
         run.config.training = config.training
         train_set, valid_set = read_split(run.config, "train"), read_split(run.config, "valid")

@@ -297,9 +297,7 @@ def train(config, validation_bleu=True):
         run = TranslationRun.create(config, train_sources, train_targets)
     distribute.barrier(strategy)  # the other workers read the run dir once the chief has written it
     if not chief:
-        if not (run_dir / "config.yaml").is_file():
-            raise DataError(f"{run_dir}: the chief's run directory is not visible here; the output dir "
-                            "must be on storage every worker sees (e.g. NFS or GCS)")
+        distribute.check_chief_wrote(run_dir)
         run = TranslationRun.load(run_dir)
         run.config.training = config.training
     log(
