@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 
 from seq2seq import cli  # noqa: E402
 from seq2seq.losses import MaskedCrossEntropy  # noqa: E402
+from seq2seq.optimizers import FusedAdam  # noqa: E402
 from seq2seq.training import TrainingConfig  # noqa: E402
 from timing import StepTimer  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
 from tasks.captioning.pipeline import (  # noqa: E402
@@ -47,7 +48,7 @@ def bench_training(args, workdir):
     run = CaptionRun.create(config, train_set)
     batches = make_batches(run, train_set, train_set.images, shuffle=True, report_name="train")
     model = run.build_model()
-    model.compile(optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=5.0), loss=MaskedCrossEntropy(0.1))
+    model.compile(optimizer=FusedAdam(1e-3, global_clipnorm=5.0), loss=MaskedCrossEntropy(0.1))
     timer = StepTimer()
     model.fit(batches.stream(0), steps_per_epoch=args.steps, epochs=1, callbacks=[timer], verbose=0, shuffle=False)
     warmup = args.warmup

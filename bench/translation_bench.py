@@ -26,6 +26,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from seq2seq.losses import MaskedCrossEntropy  # noqa: E402
+from seq2seq.optimizers import FusedAdam  # noqa: E402
 from seq2seq.training import TrainingConfig  # noqa: E402
 from timing import StepTimer  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
 from tasks.translation.config import BatchConfig, DataConfig, ModelConfig, TokenizationConfig, TranslationConfig  # noqa: E402
@@ -63,8 +65,8 @@ def bench_training(args, workdir):
     batches = make_batches(run, sources, targets, shuffle=True, report_name="train")
     model = run.build_model()
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=5.0),
-        loss=__import__("seq2seq.losses", fromlist=["MaskedCrossEntropy"]).MaskedCrossEntropy(0.1),
+        optimizer=FusedAdam(1e-3, global_clipnorm=5.0),
+        loss=MaskedCrossEntropy(0.1),
         jit_compile=args.jit,
     )
     timer = StepTimer()

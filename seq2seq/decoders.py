@@ -106,16 +106,23 @@ class AttentionDecoder(keras.layers.Layer):
         kernel = ops.cast(cell.kernel[: self.embedding_dim], embedded.dtype)
         return ops.matmul(embedded, kernel) + ops.cast(cell.bias, embedded.dtype)
 
-    def _recurrence(self, projected_embedding, state, context, layer_dropout=None, output_dropout=None):
+    def _feed_kernel(self, dtype):
+        """The input-feeding rows of layer 0's input kernel [units, gates*units], or None."""
+        if not self.input_feeding:
+            return None
+        return ops.cast(self.cells[0].kernel[self.embedding_dim :], dtype)
+
+    def _recurrence(self, projected_embedding, state, context, feed_kernel, layer_dropout=None, output_dropout=None):
         """One decoder step after the embedding projection.
 
-        projected_embedding: [batch, gates*units]. Returns the attentional vector [batch, units],
-        the new state and the attention weights [batch, src_len] (float32).
+        projected_embedding: [batch, gates*units]; feed_kernel: `_feed_kernel()`, sliced once
+        outside the time loop (inside it, the slice's gradient is a full-size kernel every step).
+        Returns the attentional vector [batch, units], the new state and the attention weights
+        [batch, src_len] (float32).
         """
         x = projected_embedding
         if self.input_feeding:
-            feed = state["feed"]
-            x = x + ops.matmul(feed, ops.cast(self.cells[0].kernel[self.embedding_dim :], feed.dtype))
+            x = x + ops.matmul(state["feed"], feed_kernel)
         new_cells = []
         h = None
         for i, cell in enumerate(self.cells):
@@ -145,7 +152,8 @@ class AttentionDecoder(keras.layers.Layer):
     def step(self, token_ids, state, context):
         """token_ids [batch] -> (logits [batch, vocab] float32, new state, attention [batch, src_len])."""
         embedded = self.embedding(token_ids)
-        attentional, state, weights = self._recurrence(self._first_layer_inputs(embedded), state, context)
+        projected = self._first_layer_inputs(embedded)
+        attentional, state, weights = self._recurrence(projected, state, context, self._feed_kernel(projected.dtype))
         return self._logits(attentional), state, weights
 
     def call(self, target_in, state, context, training=False):
@@ -156,6 +164,7 @@ class AttentionDecoder(keras.layers.Layer):
         projected = ops.transpose(self._first_layer_inputs(embedded), [1, 0, 2])  # [time, batch, G]
         num_steps = tf.shape(projected)[0]
         batch_size = tf.shape(projected)[1]
+        feed_kernel = self._feed_kernel(projected.dtype)
         layer_dropout = output_dropout = None
         if training and self.dropout > 0:
             dtype = projected.dtype
@@ -174,6 +183,7 @@ class AttentionDecoder(keras.layers.Layer):
                 projected.read(t),
                 state,
                 context,
+                feed_kernel,
                 layer_dropout=None if layer_dropout is None else layer_dropout[t],
                 output_dropout=None if output_dropout is None else output_dropout[t],
             )

@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from seq2seq.losses import MaskedCrossEntropy
+from seq2seq.optimizers import FusedAdam
 
 STRATEGIES = ("none", "mirrored", "multi_worker")
 
@@ -201,7 +202,7 @@ class DistributedCrossEntropy(MaskedCrossEntropy):
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
-class AllReduceThenClipAdam(keras.optimizers.Adam):
+class AllReduceThenClipAdam(FusedAdam):
     """Adam that sums the replicas' gradients before clipping them by global norm.
 
     Keras clips each replica's gradients and then sums them, which clips the shares of the

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from seq2seq import distribute
 from seq2seq.losses import MaskedCrossEntropy, WarmupDecay
+from seq2seq.optimizers import FusedAdam
 
 PRECISIONS = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 # Metrics early stopping can follow, and whether lower (-1) or higher (+1) is better.
@@ -258,7 +259,7 @@ class Trainer:
             total_steps=config.max_steps,
         )
         if strategy is None:
-            optimizer_class, loss_class = keras.optimizers.Adam, MaskedCrossEntropy
+            optimizer_class, loss_class = FusedAdam, MaskedCrossEntropy
         else:
             self._check_built_under(strategy)
             distribute.patch_keras_trainer(model, strategy)

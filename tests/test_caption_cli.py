@@ -179,6 +179,7 @@ def test_train_rejects_bad_data_with_one_line_errors(tmp_path, images, capsys):
         (["--shapes-train", "4", "--train-tsv", missing], "give the training data one way"),
         (["--shapes-train", "4", "--backbone", "vgg"], "backbone must be one of"),
         (["--shapes-train", "4", "--cache-features"], "--cache-features needs a frozen backbone"),
+        (["--shapes-train", "4", "--backbone", "resnet50", "--small-cnn-pools", "2"], "small_cnn backbone only"),
     ]
     for flags, message in cases:
         code, _, err = run_cli(capsys, "train", *flags, "--output-dir", tmp_path / "run")

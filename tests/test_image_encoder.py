@@ -304,6 +304,8 @@ def test_compute_features_needs_a_frozen_backbone(encoders):
         ({"backbone": "small_cnn", "activation": "gelu"}, "activation"),
         ({"backbone": "small_cnn", "dropout": 1.0}, "dropout"),
         ({"backbone": "small_cnn", "units": 0}, "units"),
+        ({"backbone": "small_cnn", "small_cnn_pools": 4}, "small_cnn_pools must be one of"),
+        ({"backbone": "resnet50", "image_size": 32, "small_cnn_pools": 2}, "small_cnn backbone only"),
     ],
 )
 def test_bad_config_raises_value_error(kwargs, message):
@@ -322,6 +324,24 @@ def test_wrong_image_shape_raises_value_error(encoders):
 
 def test_grid_size_maps_back_to_the_image():
     assert grid_size("small_cnn", 64) == (8, 8)
+    assert grid_size("small_cnn", 64, small_cnn_pools=2) == (16, 16)
+    assert grid_size("small_cnn", 64, small_cnn_pools=1) == (32, 32)
     assert grid_size("inception_v3", 299) == (8, 8)
     assert grid_size("resnet50", 224) == grid_size("mobilenet_v3_small", 224) == (7, 7)
     assert grid_size("efficientnet_b0", 97) == (math.ceil(97 / 32),) * 2
+
+
+def test_small_cnn_with_two_pools_gives_a_finer_grid_and_round_trips():
+    encoder = ImageEncoder("small_cnn", 64, units=UNITS, small_cnn_pools=2)
+    assert encoder.grid_size == (16, 16)
+    pixels = images(2, 64, seed=5)
+    memory = numpy(encoder(pixels)["memory"])
+    assert memory.shape == (2, 256, UNITS)
+    restored = ImageEncoder.from_config(encoder.get_config())
+    restored.build((None, 64, 64, 3))
+    restored.set_weights(encoder.get_weights())
+    assert restored.grid_size == (16, 16)
+    assert_close(numpy(restored(pixels)["memory"]), memory)
+    # A config written before the option existed builds the three-pool network.
+    config = {key: value for key, value in encoder.get_config().items() if key != "small_cnn_pools"}
+    assert ImageEncoder.from_config(config).grid_size == (8, 8)

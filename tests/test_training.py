@@ -372,6 +372,22 @@ def test_masked_cross_entropy_equals_keras_cross_entropy_over_real_tokens(smooth
         MaskedCrossEntropy(label_smoothing=1.0)
 
 
+def test_masked_cross_entropy_gradient_is_smoothed_softmax_minus_target_on_real_tokens_only():
+    rng = np.random.default_rng(2)
+    y_true = np.array([[5, 6, 0], [4, 0, 0]], np.int32)
+    logits = tf.constant(rng.normal(size=(2, 3, 9)).astype(np.float32))
+    smoothing = 0.1
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss = MaskedCrossEntropy(label_smoothing=smoothing)(y_true, logits)
+    gradient = tape.gradient(loss, logits).numpy()
+    real = y_true != 0
+    target = np.eye(9)[y_true] * (1 - smoothing) + smoothing / 9
+    expected = (tf.nn.softmax(logits).numpy() - target) / real.sum()
+    np.testing.assert_allclose(gradient[real], expected[real], atol=1e-6)
+    assert not gradient[~real].any()
+
+
 def test_warmup_decay_values():
     def at(schedule, steps):
         return [float(schedule(step)) for step in steps]

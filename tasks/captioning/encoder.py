@@ -34,9 +34,10 @@ from seq2seq.model import Seq2SeqModel
 BACKBONES = ("mobilenet_v3_small", "efficientnet_b0", "inception_v3", "resnet50", "small_cnn")
 PRETRAINED_BACKBONES = BACKBONES[:4]
 ACTIVATIONS = (None, "relu", "tanh")
-# Smallest square input each backbone accepts (keras.applications' own limits; small_cnn pools 3 times).
+# Smallest square input each backbone accepts (keras.applications' own limits; small_cnn pools at most 3 times).
 MIN_IMAGE_SIZE = {"mobilenet_v3_small": 32, "efficientnet_b0": 32, "inception_v3": 75, "resnet50": 32, "small_cnn": 8}
-SMALL_CNN_FILTERS = (32, 64, 128, 128)  # the first three blocks halve the grid: 64x64 -> 8x8
+SMALL_CNN_FILTERS = (32, 64, 128, 128)  # by default the first three blocks halve the grid: 64x64 -> 8x8
+SMALL_CNN_POOLS = (1, 2, 3)  # how many of the first blocks end in a 2x2 max pool
 # Keras' ImageNet EfficientNet divides by sqrt(stddev) once more after its Normalization layer
 # (keras/src/applications/efficientnet.py, tensorflow/tensorflow#49930).
 _EFFICIENTNET_IMAGENET_STDDEV = (0.229, 0.224, 0.225)
@@ -48,15 +49,15 @@ def _halve_ceil(size, times):
     return size
 
 
-def grid_size(backbone: str, image_size: int) -> tuple[int, int]:
+def grid_size(backbone: str, image_size: int, small_cnn_pools: int = 3) -> tuple[int, int]:
     """(h, w) of the attention grid a backbone gives for a square image_size input, without building it.
 
     Attention cell (i, j) covers image rows [i * image_size / h, (i + 1) * image_size / h), and likewise
     for columns (receptive fields are larger; this is the usual mapping for visualisation).
     """
-    _check_backbone(backbone, image_size)
+    _check_backbone(backbone, image_size, small_cnn_pools)
     if backbone == "small_cnn":
-        size = image_size // 8  # three 2x2 max pools, floor
+        size = image_size // 2**small_cnn_pools  # 2x2 max pools, floor
     elif backbone == "inception_v3":
         size = (image_size - 3) // 2 + 1  # 3x3 stride 2, valid
         size = size - 2  # 3x3 valid
@@ -69,9 +70,13 @@ def grid_size(backbone: str, image_size: int) -> tuple[int, int]:
     return size, size
 
 
-def _check_backbone(backbone, image_size):
+def _check_backbone(backbone, image_size, small_cnn_pools=3):
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if small_cnn_pools not in SMALL_CNN_POOLS:
+        raise ValueError(f"small_cnn_pools must be one of {SMALL_CNN_POOLS}, got {small_cnn_pools!r}")
+    if small_cnn_pools != 3 and backbone != "small_cnn":
+        raise ValueError(f"small_cnn_pools applies to the small_cnn backbone only, not {backbone}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE[backbone]:
         raise ValueError(
             f"image_size for {backbone} must be an int of at least {MIN_IMAGE_SIZE[backbone]}, got {image_size!r}"
@@ -152,6 +157,9 @@ class ImageEncoder(keras.layers.Layer):
     backbone: "mobilenet_v3_small", "efficientnet_b0", "inception_v3", "resnet50" (keras.applications,
         include_top=False) or "small_cnn" (4 conv blocks, ~240k parameters, 8x8 grid for 64x64 input,
         trained from scratch).
+    small_cnn_pools: how many small_cnn blocks halve the grid (1..3, default 3). Fewer pools give a
+        finer grid whose cells see less of the image (receptive field 38 pixels with 3 pools, 26 with
+        2), so the attention has to find the object it names (a 16x16 grid for 64x64 input with 2).
     image_size: H == W; the layer only accepts that size.
     units: memory size (the projection of each grid cell).
     weights: "imagenet" (downloaded by Keras), None (random), or a path to a local .weights.h5/.h5 file
@@ -178,10 +186,12 @@ class ImageEncoder(keras.layers.Layer):
         trainable_backbone=None,
         activation="relu",
         dropout=0.0,
+        small_cnn_pools=3,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_backbone(backbone, image_size)
+        _check_backbone(backbone, image_size, small_cnn_pools)
+        self.small_cnn_pools = small_cnn_pools
         self.weights_source = _check_weights(weights)
         self.backbone_name = backbone
         self.image_size = image_size
@@ -196,7 +206,7 @@ class ImageEncoder(keras.layers.Layer):
     def _make_backbone(self, weights):
         shape = (self.image_size, self.image_size, 3)
         if self.backbone_name == "small_cnn":
-            model = _small_cnn(shape)
+            model = _small_cnn(shape, self.small_cnn_pools)
         elif self.backbone_name == "efficientnet_b0":
             # Always the weights=None architecture (no extra ImageNet rescaling layer), so that a model
             # built from config, or from a local file, has the same layers; see _efficientnet_input.
@@ -315,6 +325,7 @@ class ImageEncoder(keras.layers.Layer):
             "trainable_backbone": self.trainable_backbone,
             "activation": self.activation,
             "dropout": self.dropout,
+            "small_cnn_pools": self.small_cnn_pools,
         }
 
     @classmethod
@@ -327,8 +338,8 @@ class ImageEncoder(keras.layers.Layer):
         return layer
 
 
-def _small_cnn(input_shape):
-    """Conv3x3-BN-ReLU blocks; the first three end in a 2x2 max pool: [S, S, 3] -> [S/8, S/8, 128]."""
+def _small_cnn(input_shape, pools=3):
+    """Conv3x3-BN-ReLU blocks; the first `pools` end in a 2x2 max pool: [S, S, 3] -> [S/2^pools, S/2^pools, 128]."""
     layers = [keras.Input(input_shape)]
     for index, filters in enumerate(SMALL_CNN_FILTERS):
         layers += [
@@ -336,7 +347,7 @@ def _small_cnn(input_shape):
             keras.layers.BatchNormalization(name=f"block{index}_bn"),
             keras.layers.ReLU(name=f"block{index}_relu"),
         ]
-        if index < 3:
+        if index < pools:
             layers.append(keras.layers.MaxPooling2D(2, name=f"block{index}_pool"))
     return keras.Sequential(layers, name="small_cnn")
 

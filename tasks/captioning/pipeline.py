@@ -103,6 +103,7 @@ class ModelConfig:
     fine_tune: bool | None = None
     cache_features: bool = False
     image_size: int = 64
+    small_cnn_pools: int = 3
     encoder_activation: str = "relu"
     encoder_dropout: float = 0.0
     cell_type: str = "lstm"
@@ -121,6 +122,8 @@ class ModelConfig:
             raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if self.backbone == "small_cnn" and self.backbone_weights == "imagenet":
             raise ValueError("small_cnn has no ImageNet weights; train it from scratch (no --backbone-weights)")
+        if self.small_cnn_pools != 3 and self.backbone != "small_cnn":
+            raise ValueError(f"--small-cnn-pools applies to the small_cnn backbone only, not {self.backbone}")
         if self.fine_tune is None:
             self.fine_tune = self.backbone == "small_cnn"
         if self.cache_features and self.fine_tune:
@@ -283,7 +286,7 @@ class CaptionRun:
             weights = str(self.run_dir / BACKBONE_WEIGHTS_FILE)
         return ImageEncoder(
             m.backbone, image_size=m.image_size, units=m.units, weights=weights, trainable_backbone=m.fine_tune,
-            activation=m.encoder_activation, dropout=m.encoder_dropout, name="encoder",
+            activation=m.encoder_activation, dropout=m.encoder_dropout, small_cnn_pools=m.small_cnn_pools, name="encoder",
         )
 
     def build_model(self, encoder=None, source_shape=None):
