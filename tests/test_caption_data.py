@@ -5,6 +5,7 @@ import socket
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from tasks.captioning.data import (
@@ -227,3 +228,31 @@ def test_tfds_coco_max_examples(tmp_path, no_network):
 def test_tfds_coco_not_prepared_is_a_data_error_not_a_download(tmp_path, no_network):
     with pytest.raises(DataError, match="coco_captions is not prepared"):
         next(load_tfds_coco("test", data_dir=tmp_path / "empty_tfds"))
+
+
+@pytest.mark.parametrize(
+    "fine_tune, sort_by_length, sorted_batches",
+    [(True, None, False), (False, None, True), (True, True, True), (False, False, False)],
+)
+def test_caption_batches_sort_by_length_only_for_a_frozen_backbone_by_default(tmp_path, fine_tune, sort_by_length, sorted_batches):
+    """Sorted batches group scenes by object count; a fine-tuned BatchNorm backbone must not see that."""
+    from seq2seq.training import TrainingConfig
+    from tasks.captioning import shapes
+    from tasks.captioning.pipeline import BatchConfig, CaptionConfig, CaptionRun, DataConfig, ModelConfig, make_batches, shapes_set
+
+    config = CaptionConfig(
+        data=DataConfig(shapes_train=60),
+        model=ModelConfig(fine_tune=fine_tune),
+        batching=BatchConfig(batch_size=16, sort_by_length=sort_by_length),
+        training=TrainingConfig(output_dir=str(tmp_path / "run")),
+    )
+    train_set = shapes_set(shapes.generate_scenes(60, seed=4))
+    run = CaptionRun.create(config, train_set)
+    batches = make_batches(run, train_set, np.arange(len(train_set.images)), shuffle=True, report_name="train")
+    spreads = []
+    for indices in batches.plan(0):
+        _, target_out = batches.make_batch(tf.constant(indices))
+        lengths = np.count_nonzero(target_out.numpy(), axis=1)
+        spreads.append(lengths.max() - lengths.min())
+    # Sorted within chunks: most batches hold one length (a chunk's edges may mix two).
+    assert (np.median(spreads) == 0) == sorted_batches and (np.median(spreads) > 3) != sorted_batches, spreads

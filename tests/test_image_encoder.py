@@ -345,3 +345,38 @@ def test_small_cnn_with_two_pools_gives_a_finer_grid_and_round_trips():
     # A config written before the option existed builds the three-pool network.
     config = {key: value for key, value in encoder.get_config().items() if key != "small_cnn_pools"}
     assert ImageEncoder.from_config(config).grid_size == (8, 8)
+
+
+def test_small_cnn_3x3_blocks_sets_the_kernels_and_round_trips():
+    encoder = ImageEncoder("small_cnn", 64, units=UNITS, small_cnn_3x3_blocks=2)
+    kernels = [layer.kernel_size for layer in encoder.backbone.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert kernels == [(3, 3), (3, 3), (1, 1), (1, 1)]
+    assert encoder.grid_size == (8, 8)
+    restored = ImageEncoder.from_config(encoder.get_config())
+    assert [layer.kernel_size for layer in restored.backbone.layers if isinstance(layer, keras.layers.Conv2D)] == kernels
+    with pytest.raises(ValueError, match="small_cnn_3x3_blocks must be in"):
+        ImageEncoder("small_cnn", 64, units=UNITS, small_cnn_3x3_blocks=5)
+
+
+def test_grid_positions_tell_the_cells_apart_and_round_trip():
+    """Without positions, a blank image gives one memory vector everywhere; with them, each cell differs."""
+    blank = np.full((1, 64, 64, 3), 128, np.uint8)
+    plain = numpy(ImageEncoder("small_cnn", 64, units=UNITS, small_cnn_3x3_blocks=1)(blank)["memory"])[0]
+    assert np.allclose(plain[9:15], plain[9])  # interior cells, away from the zero padding
+    encoder = ImageEncoder("small_cnn", 64, units=UNITS, small_cnn_3x3_blocks=1, grid_positions=True)
+    memory = numpy(encoder(blank)["memory"])[0]
+    assert not np.allclose(memory[9:15], memory[9])
+    assert tuple(encoder.head.position_embedding.shape) == (64, UNITS)
+    restored = ImageEncoder.from_config(encoder.get_config())
+    restored.build((None, 64, 64, 3))
+    restored.set_weights(encoder.get_weights())
+    assert_close(numpy(restored(blank)["memory"])[0], memory)
+
+
+def test_grid_positions_must_match_when_loading_a_projection():
+    features = FeatureEncoder(UNITS, positions=True)
+    features.build((None, 64, 128))
+    with pytest.raises(ValueError, match="positions=True"):
+        ImageEncoder("small_cnn", 64, units=UNITS).load_projection(features)
+    with pytest.raises(ValueError, match="known number of grid positions"):
+        FeatureEncoder(UNITS, positions=True).build((None, None, 128))

@@ -70,13 +70,15 @@ def grid_size(backbone: str, image_size: int, small_cnn_pools: int = 3) -> tuple
     return size, size
 
 
-def _check_backbone(backbone, image_size, small_cnn_pools=3):
+def _check_backbone(backbone, image_size, small_cnn_pools=3, small_cnn_3x3_blocks=4):
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     if small_cnn_pools not in SMALL_CNN_POOLS:
         raise ValueError(f"small_cnn_pools must be one of {SMALL_CNN_POOLS}, got {small_cnn_pools!r}")
-    if small_cnn_pools != 3 and backbone != "small_cnn":
-        raise ValueError(f"small_cnn_pools applies to the small_cnn backbone only, not {backbone}")
+    if small_cnn_3x3_blocks not in range(len(SMALL_CNN_FILTERS) + 1):
+        raise ValueError(f"small_cnn_3x3_blocks must be in 0..{len(SMALL_CNN_FILTERS)}, got {small_cnn_3x3_blocks!r}")
+    if (small_cnn_pools, small_cnn_3x3_blocks) != (3, 4) and backbone != "small_cnn":
+        raise ValueError(f"small_cnn_pools and small_cnn_3x3_blocks apply to the small_cnn backbone only, not {backbone}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE[backbone]:
         raise ValueError(
             f"image_size for {backbone} must be an int of at least {MIN_IMAGE_SIZE[backbone]}, got {image_size!r}"
@@ -100,6 +102,9 @@ def _check_weights(weights):
 class FeatureEncoder(keras.layers.Layer):
     """Projects a grid of feature vectors to attention memory: dropout -> Dense(units) -> activation.
 
+    With `positions`, a learned vector per grid position is added to the memory, so that what the
+    decoder reads through the attention also says where it is (for "left of", "above").
+
     Input [batch, positions, feature_dim] (precomputed backbone features, see `compute_features`).
     Returns, like RNNEncoder:
       memory:       [batch, positions, units]
@@ -108,7 +113,7 @@ class FeatureEncoder(keras.layers.Layer):
     This is the head of `ImageEncoder`; on its own it is the encoder of a model trained on cached features.
     """
 
-    def __init__(self, units=256, activation="relu", dropout=0.0, **kwargs):
+    def __init__(self, units=256, activation="relu", dropout=0.0, positions=False, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(units, int) or units < 1:
             raise ValueError(f"units must be a positive int, got {units!r}")
@@ -119,6 +124,7 @@ class FeatureEncoder(keras.layers.Layer):
         self.units = units
         self.activation = activation
         self.dropout = dropout
+        self.positions = bool(positions)
         self.dropout_layer = keras.layers.Dropout(dropout)
         self.projection = keras.layers.Dense(units, activation=activation, name="projection")
 
@@ -133,12 +139,24 @@ class FeatureEncoder(keras.layers.Layer):
     def build(self, input_shape):
         """input_shape: (batch, positions, feature_dim). Building twice is a no-op, so an
         ImageEncoder and a feature model can share this layer."""
-        if not self.projection.built:
-            self.projection.build((None, None, input_shape[-1]))
+        if self.built:
+            return
+        self.projection.build((None, None, input_shape[-1]))
+        if self.positions:
+            if input_shape[1] is None:
+                raise ValueError("FeatureEncoder(positions=True) needs a known number of grid positions")
+            self.position_embedding = self.add_weight(
+                name="position_embedding",
+                shape=(input_shape[1], self.units),
+                initializer=keras.initializers.RandomNormal(stddev=0.1),
+            )
+        self.built = True
 
     def call(self, features, training=False):
         x = self.dropout_layer(features, training=training)
         memory = self.projection(x)  # [batch, positions, units]
+        if self.positions:
+            memory = memory + ops.cast(self.position_embedding, memory.dtype)[None]
         mask = ops.ones(ops.shape(memory)[:2], dtype="bool")  # [batch, positions]
         mean_feature = ops.mean(memory, axis=1)  # [batch, units]
         return {"memory": memory, "memory_mask": mask, "final_states": [[(mean_feature,)]]}
@@ -147,7 +165,13 @@ class FeatureEncoder(keras.layers.Layer):
         return None
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units, "activation": self.activation, "dropout": self.dropout}
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "activation": self.activation,
+            "dropout": self.dropout,
+            "positions": self.positions,
+        }
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
@@ -160,6 +184,10 @@ class ImageEncoder(keras.layers.Layer):
     small_cnn_pools: how many small_cnn blocks halve the grid (1..3, default 3). Fewer pools give a
         finer grid whose cells see less of the image (receptive field 38 pixels with 3 pools, 26 with
         2), so the attention has to find the object it names (a 16x16 grid for 64x64 input with 2).
+    small_cnn_3x3_blocks: how many of small_cnn's four blocks use 3x3 convolutions, the others 1x1
+        (default 4). Fewer shrink each cell's receptive field (with 3 pools: 38 pixels with 4, 22
+        with 3, 14 with 2), so a cell's features describe what lies on that cell.
+    grid_positions: add a learned vector per grid cell to the memory (FeatureEncoder `positions`).
     image_size: H == W; the layer only accepts that size.
     units: memory size (the projection of each grid cell).
     weights: "imagenet" (downloaded by Keras), None (random), or a path to a local .weights.h5/.h5 file
@@ -187,11 +215,15 @@ class ImageEncoder(keras.layers.Layer):
         activation="relu",
         dropout=0.0,
         small_cnn_pools=3,
+        small_cnn_3x3_blocks=4,
+        grid_positions=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_backbone(backbone, image_size, small_cnn_pools)
+        _check_backbone(backbone, image_size, small_cnn_pools, small_cnn_3x3_blocks)
         self.small_cnn_pools = small_cnn_pools
+        self.small_cnn_3x3_blocks = small_cnn_3x3_blocks
+        self.grid_positions = bool(grid_positions)
         self.weights_source = _check_weights(weights)
         self.backbone_name = backbone
         self.image_size = image_size
@@ -199,14 +231,14 @@ class ImageEncoder(keras.layers.Layer):
         self.trainable_backbone = backbone == "small_cnn" if trainable_backbone is None else bool(trainable_backbone)
         self.activation = activation
         self.dropout = dropout
-        self.head = FeatureEncoder(units, activation=activation, dropout=dropout, name="head")
+        self.head = FeatureEncoder(units, activation=activation, dropout=dropout, positions=grid_positions, name="head")
         self.backbone = self._make_backbone(self.weights_source)
         self.backbone.trainable = self.trainable_backbone
 
     def _make_backbone(self, weights):
         shape = (self.image_size, self.image_size, 3)
         if self.backbone_name == "small_cnn":
-            model = _small_cnn(shape, self.small_cnn_pools)
+            model = _small_cnn(shape, self.small_cnn_pools, self.small_cnn_3x3_blocks)
         elif self.backbone_name == "efficientnet_b0":
             # Always the weights=None architecture (no extra ImageNet rescaling layer), so that a model
             # built from config, or from a local file, has the same layers; see _efficientnet_input.
@@ -303,10 +335,12 @@ class ImageEncoder(keras.layers.Layer):
     def load_projection(self, feature_encoder):
         """Copies a trained FeatureEncoder's weights into this encoder's head (e.g. after loading a saved
         feature model)."""
-        if (feature_encoder.units, feature_encoder.activation) != (self.units, self.activation):
+        theirs = (feature_encoder.units, feature_encoder.activation, feature_encoder.positions)
+        if theirs != (self.units, self.activation, self.grid_positions):
             raise ValueError(
-                f"FeatureEncoder(units={feature_encoder.units}, activation={feature_encoder.activation!r}) does "
-                f"not match this encoder (units={self.units}, activation={self.activation!r})"
+                f"FeatureEncoder(units={feature_encoder.units}, activation={feature_encoder.activation!r}, "
+                f"positions={feature_encoder.positions}) does not match this encoder (units={self.units}, "
+                f"activation={self.activation!r}, grid_positions={self.grid_positions})"
             )
         kernel = feature_encoder.projection.kernel
         if kernel.shape[0] != self.feature_dim:
@@ -326,6 +360,8 @@ class ImageEncoder(keras.layers.Layer):
             "activation": self.activation,
             "dropout": self.dropout,
             "small_cnn_pools": self.small_cnn_pools,
+            "small_cnn_3x3_blocks": self.small_cnn_3x3_blocks,
+            "grid_positions": self.grid_positions,
         }
 
     @classmethod
@@ -338,12 +374,13 @@ class ImageEncoder(keras.layers.Layer):
         return layer
 
 
-def _small_cnn(input_shape, pools=3):
-    """Conv3x3-BN-ReLU blocks; the first `pools` end in a 2x2 max pool: [S, S, 3] -> [S/2^pools, S/2^pools, 128]."""
+def _small_cnn(input_shape, pools=3, blocks_3x3=4):
+    """Conv-BN-ReLU blocks, 3x3 in the first `blocks_3x3` and 1x1 after; the first `pools` end in a
+    2x2 max pool: [S, S, 3] -> [S/2^pools, S/2^pools, 128]."""
     layers = [keras.Input(input_shape)]
     for index, filters in enumerate(SMALL_CNN_FILTERS):
         layers += [
-            keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{index}_conv"),
+            keras.layers.Conv2D(filters, 3 if index < blocks_3x3 else 1, padding="same", use_bias=False, name=f"block{index}_conv"),
             keras.layers.BatchNormalization(name=f"block{index}_bn"),
             keras.layers.ReLU(name=f"block{index}_relu"),
         ]

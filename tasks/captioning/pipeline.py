@@ -104,6 +104,8 @@ class ModelConfig:
     cache_features: bool = False
     image_size: int = 64
     small_cnn_pools: int = 3
+    small_cnn_3x3_blocks: int = 4
+    grid_positions: bool = False
     encoder_activation: str = "relu"
     encoder_dropout: float = 0.0
     cell_type: str = "lstm"
@@ -122,8 +124,8 @@ class ModelConfig:
             raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if self.backbone == "small_cnn" and self.backbone_weights == "imagenet":
             raise ValueError("small_cnn has no ImageNet weights; train it from scratch (no --backbone-weights)")
-        if self.small_cnn_pools != 3 and self.backbone != "small_cnn":
-            raise ValueError(f"--small-cnn-pools applies to the small_cnn backbone only, not {self.backbone}")
+        if (self.small_cnn_pools, self.small_cnn_3x3_blocks) != (3, 4) and self.backbone != "small_cnn":
+            raise ValueError(f"--small-cnn-pools and --small-cnn-3x3-blocks apply to the small_cnn backbone only, not {self.backbone}")
         if self.fine_tune is None:
             self.fine_tune = self.backbone == "small_cnn"
         if self.cache_features and self.fine_tune:
@@ -134,10 +136,18 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class BatchConfig:
-    """Batches of `batch_size` captions (each with its image), sorted by length within chunks."""
+    """Batches of `batch_size` captions (each with its image).
+
+    sort_by_length: cut batches from captions sorted by length (less padding). None (the default)
+    sorts only when the backbone is frozen: caption length follows the scene (one object, short
+    caption; three objects, long caption), so sorted batches hold alike images, and a fine-tuned
+    backbone's BatchNorm would then train on batch statistics that tell the scene apart but that
+    its moving averages, used at inference, do not (validation loss far above training loss).
+    """
 
     batch_size: int = 64
     pad_to_multiple: int = 1
+    sort_by_length: bool | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -286,7 +296,8 @@ class CaptionRun:
             weights = str(self.run_dir / BACKBONE_WEIGHTS_FILE)
         return ImageEncoder(
             m.backbone, image_size=m.image_size, units=m.units, weights=weights, trainable_backbone=m.fine_tune,
-            activation=m.encoder_activation, dropout=m.encoder_dropout, small_cnn_pools=m.small_cnn_pools, name="encoder",
+            activation=m.encoder_activation, dropout=m.encoder_dropout, small_cnn_pools=m.small_cnn_pools,
+            small_cnn_3x3_blocks=m.small_cnn_3x3_blocks, grid_positions=m.grid_positions, name="encoder",
         )
 
     def build_model(self, encoder=None, source_shape=None):
@@ -391,8 +402,12 @@ def make_batches(run, caption_set, sources, shuffle, report_name):
         raise DataError(f"{report_name}: no captions left to train on")
     b, seed = run.config.batching, run.config.training.seed
 
+    sort_by_length = b.sort_by_length if b.sort_by_length is not None else not run.config.model.fine_tune
+
     def plan(epoch):
-        return plan_batches(lengths + 1, batch_size=b.batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
+        return plan_batches(
+            lengths + 1, batch_size=b.batch_size, seed=seed, epoch=epoch, shuffle=shuffle, sort_by_length=sort_by_length
+        )
 
     return caption_batches(sources, image_index, ids, plan, pad_to_multiple=b.pad_to_multiple)
 
