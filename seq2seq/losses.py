@@ -26,7 +26,8 @@ class MaskedCrossEntropy(keras.losses.Loss):
         y_true = ops.cast(y_true, "int32")
         vocab_size = ops.shape(logits)[-1]
         # Smoothed one-hot targets into one fused softmax cross-entropy: its kernel computes the
-        # loss and the gradient together, a third faster here than log_softmax plus a gather.
+        # loss and the gradient together. With an 8k vocabulary, the output layer plus loss of a
+        # training step took 67 ms this way against 90-107 ms with log_softmax and a gather.
         targets = ops.one_hot(y_true, vocab_size) * (1.0 - self.label_smoothing) + self.label_smoothing / ops.cast(
             vocab_size, "float32"
         )

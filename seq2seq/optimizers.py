@@ -9,8 +9,8 @@ class FusedAdam(keras.optimizers.Adam):
     """keras.optimizers.Adam whose per-variable update is TensorFlow's one-pass `ResourceApplyAdam`.
 
     Keras's Adam updates each variable with about a dozen element-wise ops, each a full pass
-    over the variable and its two slots; on a 2-core CPU that is 8% of a translation training
-    step. The fused kernel computes the same update (same formula, slots and epsilon placement)
+    over the variable and its two slots (15 ms against 7 ms for 13.6M parameters on this
+    2-core CPU). The fused kernel computes the same update (same formula, slots and epsilon placement)
     in one pass. Other backends, `amsgrad` and non-float32 variables take Keras's path.
     Variables, slots, config and checkpoints are those of keras.optimizers.Adam.
     """
