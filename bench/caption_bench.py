@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def bench_training(args, workdir):
     config = CaptionConfig(
         data=DataConfig(shapes_train=1000, shapes_val=0, shapes_seed=1),
-        model=ModelConfig(backbone="small_cnn", image_size=64, cell_type="lstm", units=256, attention="bahdanau", attention_regularizer=0.02),
+        model=ModelConfig(backbone="small_cnn", image_size=64, cell_type="lstm", units=256, attention="bahdanau"),
         batching=BatchConfig(batch_size=64),
         training=TrainingConfig(output_dir=str(workdir / "train"), tensorboard=False, verbose=0),
     )

@@ -22,6 +22,21 @@ def test_shipped_captioner_is_there_and_small():
     assert "python -m seq2seq.caption train" in (SHIPPED / "COMMAND.md").read_text()
 
 
+def test_shipped_captioner_meets_its_targets(tmp_path, capsys):
+    """Issue targets on test-seed images (1,000 in COMMAND.md; 200 here to stay fast): BLEU-4 >= 0.60
+    and the most-attended cell on the named object for >= 70% of colour and shape words."""
+    from seq2seq import caption
+
+    scores = tmp_path / "scores.json"
+    argv = ["evaluate", "--model", str(SHIPPED), "--shapes-test", "200", "--shapes-seed", "1000", "--beam-size", "3", "--json", str(scores)]
+    assert caption.main(argv) == 0
+    capsys.readouterr()
+    for search in ("greedy", "beam 3"):
+        result = json.loads(scores.read_text())["searches"][search]
+        assert result["bleu_4"] >= 0.60, (search, result)
+        assert result["localisation"] >= 0.70 and result["words"] > 500, (search, result)
+
+
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     # A private "python3" kernelspec that runs this interpreter: JUPYTER_PATH comes before the
     # user and system kernel folders, so no other Python can be picked up.
