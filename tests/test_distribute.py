@@ -293,6 +293,22 @@ def test_two_workers_train_like_one_worker_with_the_same_global_batch(jobs):
         np.testing.assert_array_equal(a, b)
 
 
+def test_cluster_error_message_names_the_dead_worker_when_the_error_does():
+    heartbeat = tf.errors.UnavailableError(
+        None, None, "Collective ops is aborted by: The following tasks are unhealthy (stopped sending "
+        "heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed."
+    )
+    message = distribute.cluster_error_message(heartbeat, ("worker", 0), 7, "/run/checkpoints/ckpt-5")
+    assert message.startswith("worker 0 lost contact with the cluster at step 7: worker 1 stopped (no heartbeats).")
+    assert message.endswith("training resumes from the last checkpoint, /run/checkpoints/ckpt-5")
+
+    reset = tf.errors.UnavailableError(None, None, "{{function_node __inference_step_1}} Collective ops is aborted by: recvmsg:Connection reset by peer\nmore")
+    message = distribute.cluster_error_message(reset, ("chief", 0), 3, None)
+    assert "chief 0 lost contact with the cluster at step 3: another worker stopped or is unreachable (UnavailableError: Collective ops is aborted by: recvmsg:Connection reset by peer)" in message
+    assert "function_node" not in message
+    assert message.endswith("no checkpoint was written yet, so training starts again from the beginning")
+
+
 def test_killed_worker_stops_the_job_and_a_restart_resumes_from_the_last_checkpoint(tmp_path, corpus, jobs):
     assert jobs["killed_worker"], jobs["killed"].output(0)
     codes, run_dir = jobs["killed_codes"], jobs["killed_run"]
@@ -300,7 +316,10 @@ def test_killed_worker_stops_the_job_and_a_restart_resumes_from_the_last_checkpo
     # The other worker stops with a clear message instead of hanging.
     message = jobs["killed"].output(0)
     assert codes[0] == 2, message
-    assert "lost contact with the cluster" in message and "worker 1 stopped" in message, message
+    # Which error reaches the survivor first is a race: the coordination service's heartbeat
+    # report (names the dead worker) or the collective's broken connection (cannot name it).
+    assert "lost contact with the cluster" in message, message
+    assert "worker 1 stopped" in message or "another worker stopped or is unreachable" in message, message
     assert "Restart every worker with the same command and TF_CONFIG" in message
     assert not (run_dir / "training_summary.json").exists()
     resume_from = int(tf.train.latest_checkpoint(str(run_dir / "checkpoints")).rsplit("-", 1)[1])
