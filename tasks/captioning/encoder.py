@@ -70,15 +70,20 @@ def grid_size(backbone: str, image_size: int, small_cnn_pools: int = 3) -> tuple
     return size, size
 
 
-def _check_backbone(backbone, image_size, small_cnn_pools=3, small_cnn_3x3_blocks=4):
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+def check_small_cnn_options(backbone, small_cnn_pools, small_cnn_3x3_blocks):
+    """The small_cnn-only options: in range, and left at their defaults for other backbones."""
     if small_cnn_pools not in SMALL_CNN_POOLS:
         raise ValueError(f"small_cnn_pools must be one of {SMALL_CNN_POOLS}, got {small_cnn_pools!r}")
     if small_cnn_3x3_blocks not in range(len(SMALL_CNN_FILTERS) + 1):
         raise ValueError(f"small_cnn_3x3_blocks must be in 0..{len(SMALL_CNN_FILTERS)}, got {small_cnn_3x3_blocks!r}")
     if (small_cnn_pools, small_cnn_3x3_blocks) != (3, 4) and backbone != "small_cnn":
         raise ValueError(f"small_cnn_pools and small_cnn_3x3_blocks apply to the small_cnn backbone only, not {backbone}")
+
+
+def _check_backbone(backbone, image_size, small_cnn_pools=3, small_cnn_3x3_blocks=4):
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    check_small_cnn_options(backbone, small_cnn_pools, small_cnn_3x3_blocks)
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE[backbone]:
         raise ValueError(
             f"image_size for {backbone} must be an int of at least {MIN_IMAGE_SIZE[backbone]}, got {image_size!r}"

@@ -35,7 +35,9 @@ from seq2seq.text import DataError, Vocabulary, WordTokenizer
 from seq2seq.training import PlannedBatches, Trainer, TrainingConfig, restore_model_weights, set_precision
 from tasks.captioning import data, shapes
 from tasks.captioning.captioner import Captioner
-from tasks.captioning.encoder import BACKBONES, ImageEncoder, compute_features, image_model_from_feature_model
+from tasks.captioning.encoder import (
+    BACKBONES, ImageEncoder, check_small_cnn_options, compute_features, image_model_from_feature_model,
+)
 from tasks.captioning.evaluation import corpus_bleu_scores
 from tasks.captioning.images import ImageError, load_image, load_images
 
@@ -126,8 +128,7 @@ class ModelConfig:
             raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if self.backbone == "small_cnn" and self.backbone_weights == "imagenet":
             raise ValueError("small_cnn has no ImageNet weights; train it from scratch (no --backbone-weights)")
-        if (self.small_cnn_pools, self.small_cnn_3x3_blocks) != (3, 4) and self.backbone != "small_cnn":
-            raise ValueError(f"--small-cnn-pools and --small-cnn-3x3-blocks apply to the small_cnn backbone only, not {self.backbone}")
+        check_small_cnn_options(self.backbone, self.small_cnn_pools, self.small_cnn_3x3_blocks)
         if self.fine_tune is None:
             self.fine_tune = self.backbone == "small_cnn"
         if self.cache_features and self.fine_tune:
