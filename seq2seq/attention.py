@@ -2,7 +2,9 @@
 
 Both layers split the work in two: `prepare_keys(memory)` runs once per source batch
 (the keys do not change while decoding), and `call(query, keys, memory, mask)` runs at
-every decoder step. Masked memory positions get exactly zero weight.
+every decoder step. Masked memory positions get exactly zero weight. The per-step work
+runs in the dtype of the keys (float32 from `AttentionDecoder.prepare_context`, whose
+docstring says why); the query is cast to it.
 """
 
 import math
@@ -61,12 +63,12 @@ class BahdanauAttention(keras.layers.Layer):
 
     def call(self, query, keys, memory, mask):
         """query [batch, qdim] -> (context [batch, mem_dim], weights [batch, src_len] float32)."""
-        processed_query = self.query_layer(query)[:, None, :]  # [batch, 1, units]
-        v = self.attention_v
+        processed_query = ops.cast(self.query_layer(query), keys.dtype)[:, None, :]  # [batch, 1, units]
+        v = ops.cast(self.attention_v, keys.dtype)
         hidden = keys + processed_query
         if self.normalize:
-            v = self.attention_g * v / ops.sqrt(ops.sum(ops.square(v)))
-            hidden = hidden + self.attention_b
+            v = ops.cast(self.attention_g, keys.dtype) * v / ops.sqrt(ops.sum(ops.square(v)))
+            hidden = hidden + ops.cast(self.attention_b, keys.dtype)
         scores = ops.sum(v * ops.tanh(hidden), axis=-1)  # [batch, src_len]
         weights = _masked_softmax(scores, mask)
         return _context(weights, memory), weights
@@ -112,7 +114,7 @@ class LuongAttention(keras.layers.Layer):
         return memory
 
     def call(self, query, keys, memory, mask):
-        scores = ops.einsum("bd,bsd->bs", query, keys)  # [batch, src_len]
+        scores = ops.einsum("bd,bsd->bs", ops.cast(query, keys.dtype), keys)  # [batch, src_len]
         weights = _masked_softmax(scores, mask)
         return _context(weights, memory), weights
 

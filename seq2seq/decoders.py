@@ -15,7 +15,23 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq.attention import make_attention
+from seq2seq.precision import Dense
 from seq2seq.rnn import RecurrentCell, check_cell_type
+
+
+def _float32_cells(cell_states):
+    return tuple(tuple(ops.cast(part, "float32") for part in layer) for layer in cell_states)
+
+
+def _float32_context(context):
+    return {**context, "memory": ops.cast(context["memory"], "float32"), "keys": ops.cast(context["keys"], "float32")}
+
+
+def tied_logits(x, embeddings, bias):
+    """x [..., dim] @ embeddings^T in x's dtype, then cast to float32 and + bias (float32):
+    the embedding matrix as the output projection, as `Dense(float32_output=True)` does."""
+    logits = ops.matmul(x, ops.transpose(ops.cast(embeddings, x.dtype)))
+    return ops.cast(logits, "float32") + ops.cast(bias, "float32")
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
@@ -25,7 +41,13 @@ class AttentionDecoder(keras.layers.Layer):
     Luong, Pham and Manning (2015): with `input_feeding` the previous attentional vector is
     concatenated to the next input embedding. `tie_embeddings` reuses the embedding matrix
     as the output projection (Press and Wolf, 2017) and needs embedding_dim == units.
-    Logits are returned in float32 whatever the dtype policy.
+
+    Under mixed precision the per-step products run in the compute dtype, while what a
+    step carries or reads from outside the time loop is float32: the cell states, the
+    attention memory and keys, and the input-feeding kernel. A loop-invariant tensor's
+    gradient is summed over all time steps in that tensor's dtype, and a sum of dozens of
+    bfloat16 terms loses most of its precision. The output product runs in the compute
+    dtype; logits (and the output bias) are float32 whatever the dtype policy.
     """
 
     def __init__(
@@ -66,7 +88,7 @@ class AttentionDecoder(keras.layers.Layer):
         self.attention = make_attention(attention, units, score=attention_score, normalize=attention_normalize)
         self.attention_output = keras.layers.Dense(units, activation="tanh", use_bias=False, name="attention_output")
         if not tie_embeddings:
-            self.output_layer = keras.layers.Dense(vocab_size, name="output_layer")
+            self.output_layer = Dense(vocab_size, name="output_layer", float32_output=True)
         self.embedding_dropout = keras.layers.Dropout(dropout)
         self.seed_generator = keras.random.SeedGenerator(0)
 
@@ -80,23 +102,25 @@ class AttentionDecoder(keras.layers.Layer):
         self.attention.build((None, self.units), (None, None, memory_dim))
         self.attention_output.build((None, memory_dim + self.units))
         if self.tie_embeddings:
-            self.output_bias = self.add_weight(name="output_bias", shape=(self.vocab_size,), initializer="zeros")
+            self.output_bias = self.add_weight(
+                name="output_bias", shape=(self.vocab_size,), initializer="zeros", autocast=False
+            )
         else:
             self.output_layer.build((None, self.units))
 
     def prepare_context(self, memory, memory_mask):
-        """Everything the steps need from the source, computed once: memory, mask, attention keys."""
-        return {
-            "memory": memory,
-            "memory_mask": ops.cast(memory_mask, "bool"),
-            "keys": self.attention.prepare_keys(memory),
-        }
+        """Everything the steps need from the source, computed once: memory, mask, attention
+        keys (memory and keys float32, see the class docstring)."""
+        return _float32_context(
+            {"memory": memory, "memory_mask": ops.cast(memory_mask, "bool"), "keys": self.attention.prepare_keys(memory)}
+        )
 
     def initial_state(self, cell_states, batch_size, dtype=None):
-        """cell_states: per-layer state tuples (from a Bridge). Returns the decoder state dict."""
-        state = {"cells": tuple(tuple(part for part in layer) for layer in cell_states)}
+        """cell_states: per-layer state tuples (from a Bridge). Returns the decoder state dict:
+        float32 cell states, and the input-feeding vector in `dtype` (the compute dtype)."""
+        state = {"cells": _float32_cells(cell_states)}
         if self.input_feeding:
-            dtype = dtype or cell_states[0][0].dtype
+            dtype = dtype or self.compute_dtype
             state["feed"] = ops.zeros((batch_size, self.units), dtype=dtype)
         return state
 
@@ -106,23 +130,24 @@ class AttentionDecoder(keras.layers.Layer):
         kernel = ops.cast(cell.kernel[: self.embedding_dim], embedded.dtype)
         return ops.matmul(embedded, kernel) + ops.cast(cell.bias, embedded.dtype)
 
-    def _feed_kernel(self, dtype):
-        """The input-feeding rows of layer 0's input kernel [units, gates*units], or None."""
+    def _feed_kernel(self):
+        """The input-feeding rows of layer 0's input kernel [units, gates*units] (float32), or None."""
         if not self.input_feeding:
             return None
-        return ops.cast(self.cells[0].kernel[self.embedding_dim :], dtype)
+        return self.cells[0].kernel[self.embedding_dim :]
 
     def _recurrence(self, projected_embedding, state, context, feed_kernel, layer_dropout=None, output_dropout=None):
         """One decoder step after the embedding projection.
 
         projected_embedding: [batch, gates*units]; feed_kernel: `_feed_kernel()`, sliced once
-        outside the time loop (inside it, the slice's gradient is a full-size kernel every step).
+        outside the time loop (inside it, the slice's gradient is a full-size kernel every step)
+        and cast to the compute dtype inside it (so its gradient sums over steps in float32).
         Returns the attentional vector [batch, units], the new state and the attention weights
         [batch, src_len] (float32).
         """
         x = projected_embedding
         if self.input_feeding:
-            x = x + ops.matmul(state["feed"], feed_kernel)
+            x = x + ops.matmul(state["feed"], ops.cast(feed_kernel, x.dtype))
         new_cells = []
         h = None
         for i, cell in enumerate(self.cells):
@@ -142,29 +167,30 @@ class AttentionDecoder(keras.layers.Layer):
         return attentional, new_state, weights
 
     def _logits(self, attentional):
+        """Float32 logits (see the class docstring)."""
         if self.tie_embeddings:
-            matrix = ops.cast(self.embedding.embeddings, attentional.dtype)
-            logits = ops.matmul(attentional, ops.transpose(matrix)) + ops.cast(self.output_bias, attentional.dtype)
-        else:
-            logits = self.output_layer(attentional)
-        return ops.cast(logits, "float32")
+            return tied_logits(attentional, self.embedding.embeddings, self.output_bias)
+        return self.output_layer(attentional)
 
     def step(self, token_ids, state, context):
         """token_ids [batch] -> (logits [batch, vocab] float32, new state, attention [batch, src_len])."""
         embedded = self.embedding(token_ids)
         projected = self._first_layer_inputs(embedded)
-        attentional, state, weights = self._recurrence(projected, state, context, self._feed_kernel(projected.dtype))
+        attentional, state, weights = self._recurrence(projected, state, context, self._feed_kernel())
         return self._logits(attentional), state, weights
 
     def call(self, target_in, state, context, training=False):
         """Teacher forcing: target_in [batch, time] -> (logits [batch, time, vocab] float32,
         attention [batch, time, src_len]). Runs the step recurrence in one graph loop; the
         output projection of all steps is one matrix product."""
+        # Keras casts a mixed-precision layer's float inputs to its compute dtype: back to float32.
+        state = {**state, "cells": _float32_cells(state["cells"])}
+        context = _float32_context(context)
         embedded = self.embedding_dropout(self.embedding(target_in), training=training)
         projected = ops.transpose(self._first_layer_inputs(embedded), [1, 0, 2])  # [time, batch, G]
         num_steps = tf.shape(projected)[0]
         batch_size = tf.shape(projected)[1]
-        feed_kernel = self._feed_kernel(projected.dtype)
+        feed_kernel = self._feed_kernel()
         layer_dropout = output_dropout = None
         if training and self.dropout > 0:
             dtype = projected.dtype

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from seq2seq.precision import Dense
 from seq2seq.rnn import RecurrentCell, check_cell_type, run_cell
 
 MERGE_MODES = ("concat", "sum", "average")
@@ -162,7 +163,7 @@ class Bridge(keras.layers.Layer):
         if kind == "dense":
             self.projections = [
                 [
-                    keras.layers.Dense(units, activation="tanh" if p == 0 else None, name=f"layer{i}_part{p}")
+                    Dense(units, activation="tanh" if p == 0 else None, name=f"layer{i}_part{p}")
                     for p in range(self.parts)
                 ]
                 for i in range(num_layers)

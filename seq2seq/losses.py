@@ -1,7 +1,39 @@
 """Masked, label-smoothed cross-entropy and the learning-rate schedule."""
 
 import keras
+import tensorflow as tf
 from keras import ops
+
+
+def smoothed_nll(logits, labels, smoothing):
+    """Label-smoothed negative log-likelihood of every row, with a hand-written gradient.
+
+    logits [n, vocab] float32, labels [n] int32 -> [n]: logsumexp(logits) - (1 - smoothing)
+    * logits[label] - smoothing * mean(logits), the cross-entropy against the smoothed
+    one-hot target (Szegedy et al., 2016). The gradient, softmax - target, reuses the
+    forward pass's exponentials and never builds the [n, vocab] target: on [3600, 8000]
+    logits the loss and its gradient took 112 ms this way against 202 ms with
+    `softmax_cross_entropy_with_logits` on smoothed one-hot targets (this 2-core CPU).
+    """
+
+    @tf.custom_gradient
+    def nll(logits):
+        vocab_size = tf.cast(tf.shape(logits)[-1], tf.float32)
+        peak = tf.reduce_max(logits, axis=-1, keepdims=True)
+        exps = tf.exp(logits - peak)
+        sums = tf.reduce_sum(exps, axis=-1, keepdims=True)
+        log_normalizer = (tf.math.log(sums) + peak)[:, 0]
+        picked = tf.gather(logits, labels, axis=1, batch_dims=1)
+        value = log_normalizer - (1.0 - smoothing) * picked - smoothing * tf.reduce_mean(logits, axis=-1)
+
+        def gradient(upstream):
+            grad = exps * (upstream[:, None] / sums) - (upstream * (smoothing / vocab_size))[:, None]
+            rows = tf.range(tf.shape(labels)[0])
+            return tf.tensor_scatter_nd_sub(grad, tf.stack([rows, labels], axis=1), (1.0 - smoothing) * upstream)
+
+        return value, gradient
+
+    return nll(logits)
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
@@ -25,14 +57,8 @@ class MaskedCrossEntropy(keras.losses.Loss):
         logits = ops.cast(y_pred, "float32")  # [batch, time, vocab]
         y_true = ops.cast(y_true, "int32")
         vocab_size = ops.shape(logits)[-1]
-        # Smoothed one-hot targets into one fused softmax cross-entropy: its kernel computes the
-        # loss and the gradient together. With an 8k vocabulary, the output layer plus loss of a
-        # training step took 67 ms this way against 90-107 ms with log_softmax and a gather.
-        targets = ops.one_hot(y_true, vocab_size) * (1.0 - self.label_smoothing) + self.label_smoothing / ops.cast(
-            vocab_size, "float32"
-        )
-        nll = ops.categorical_crossentropy(targets, logits, from_logits=True)  # [batch, time]
-        mask = ops.cast(ops.not_equal(y_true, self.pad_id), "float32")
+        nll = smoothed_nll(ops.reshape(logits, (-1, vocab_size)), ops.reshape(y_true, (-1,)), self.label_smoothing)
+        mask = ops.cast(ops.not_equal(ops.reshape(y_true, (-1,)), self.pad_id), "float32")
         total = ops.sum(nll * mask)
         return total / ops.maximum(ops.sum(mask), 1.0)  # a scalar: Keras's batch mean leaves it as is
 

@@ -5,6 +5,11 @@ The input-to-hidden product of every time step is computed at once
 product), and only the hidden-to-hidden product stays inside the time loop
 (`step`). This is the main reason our encoders and decoders train faster than
 a stack of stock Keras RNN layers on a CPU.
+
+Under mixed precision (bfloat16 compute) the matrix products run in the compute dtype,
+but the state carried from step to step is float32: an LSTM's cell state (and a GRU's
+hidden state) is a running sum over time, and rounding it to bfloat16's 8 bits of
+mantissa at every step (and its gradient on the way back) loses what the model learns.
 """
 
 import keras
@@ -25,7 +30,8 @@ def check_cell_type(cell_type):
 class RecurrentCell(keras.layers.Layer):
     """One vanilla RNN, LSTM or GRU cell (GRU with the reset gate after the product, as cuDNN).
 
-    State is always a tuple: `(h,)` for simple_rnn and gru, `(h, c)` for lstm.
+    State is always a tuple: `(h,)` for simple_rnn and gru, `(h, c)` for lstm, every part
+    float32 whatever the compute dtype; the output h of a step is in the compute dtype.
     """
 
     def __init__(self, cell_type, units, **kwargs):
@@ -41,12 +47,14 @@ class RecurrentCell(keras.layers.Layer):
         return (self.units, self.units) if self.cell_type == "lstm" else (self.units,)
 
     def build(self, input_dim):
+        # Weights are read as float32 (autocast off) and cast where they are used: the
+        # recurrent kernel inside the time loop, so its gradient is summed over steps in float32.
         width = self.num_gates * self.units
         self.kernel = self.add_weight(
-            name="kernel", shape=(input_dim, width), initializer="glorot_uniform"
+            name="kernel", shape=(input_dim, width), initializer="glorot_uniform", autocast=False
         )
         self.recurrent_kernel = self.add_weight(
-            name="recurrent_kernel", shape=(self.units, width), initializer="orthogonal"
+            name="recurrent_kernel", shape=(self.units, width), initializer="orthogonal", autocast=False
         )
         units = self.units
 
@@ -56,41 +64,42 @@ class RecurrentCell(keras.layers.Layer):
 
         bias_init = forget_gate_bias if self.cell_type == "lstm" else "zeros"
 
-        self.bias = self.add_weight(name="bias", shape=(width,), initializer=bias_init)
+        self.bias = self.add_weight(name="bias", shape=(width,), initializer=bias_init, autocast=False)
         if self.cell_type == "gru":
             self.recurrent_bias = self.add_weight(
-                name="recurrent_bias", shape=(width,), initializer="zeros"
+                name="recurrent_bias", shape=(width,), initializer="zeros", autocast=False
             )
 
     def project_inputs(self, inputs):
         """inputs: [..., input_dim] -> [..., gates * units], for any number of leading axes."""
         return ops.matmul(inputs, ops.cast(self.kernel, inputs.dtype)) + ops.cast(self.bias, inputs.dtype)
 
-    def initial_state(self, batch_size, dtype=None):
-        dtype = dtype or self.compute_dtype
-        return tuple(ops.zeros((batch_size, size), dtype=dtype) for size in self.state_size)
+    def initial_state(self, batch_size):
+        return tuple(ops.zeros((batch_size, size), dtype="float32") for size in self.state_size)
 
     def step(self, projected_inputs, state):
-        """One time step: projected_inputs [batch, gates*units], state tuple -> (output, state)."""
-        h = state[0]
-        recurrent = ops.matmul(h, ops.cast(self.recurrent_kernel, h.dtype))  # [batch, gates*units]
+        """One time step: projected_inputs [batch, gates*units] (compute dtype), state tuple
+        (float32) -> (output [batch, units] in the compute dtype, new float32 state)."""
+        # The product in the compute dtype; the gates' element-wise work in float32 (as
+        # fast on this CPU, and one cast each way per step).
+        dtype = projected_inputs.dtype
+        recurrent = ops.matmul(ops.cast(state[0], dtype), ops.cast(self.recurrent_kernel, dtype))  # [batch, gates*units]
         if self.cell_type == "simple_rnn":
-            h = ops.tanh(projected_inputs + recurrent)
-            return h, (h,)
+            h = ops.tanh(ops.cast(projected_inputs + recurrent, "float32"))
+            return ops.cast(h, dtype), (h,)
         if self.cell_type == "lstm":
-            z = projected_inputs + recurrent
-            i, f, g, o = ops.split(z, 4, axis=-1)
+            i, f, g, o = ops.split(ops.cast(projected_inputs + recurrent, "float32"), 4, axis=-1)
             c = ops.sigmoid(f) * state[1] + ops.sigmoid(i) * ops.tanh(g)
             h = ops.sigmoid(o) * ops.tanh(c)
-            return h, (h, c)
-        recurrent = recurrent + ops.cast(self.recurrent_bias, h.dtype)
-        x_z, x_r, x_h = ops.split(projected_inputs, 3, axis=-1)
+            return ops.cast(h, dtype), (h, c)
+        recurrent = ops.cast(recurrent, "float32") + self.recurrent_bias
+        x_z, x_r, x_h = ops.split(ops.cast(projected_inputs, "float32"), 3, axis=-1)
         r_z, r_r, r_h = ops.split(recurrent, 3, axis=-1)
         update = ops.sigmoid(x_z + r_z)
         reset = ops.sigmoid(x_r + r_r)
         candidate = ops.tanh(x_h + reset * r_h)
-        h = update * h + (1.0 - update) * candidate
-        return h, (h,)
+        h = update * state[0] + (1.0 - update) * candidate
+        return ops.cast(h, dtype), (h,)
 
     def get_config(self):
         return {**super().get_config(), "cell_type": self.cell_type, "units": self.units}

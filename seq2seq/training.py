@@ -20,6 +20,7 @@ import math
 import shutil
 import sys
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -30,8 +31,8 @@ import tensorflow as tf
 from seq2seq import distribute
 from seq2seq.losses import MaskedCrossEntropy, WarmupDecay
 from seq2seq.optimizers import FusedAdam
-
-PRECISIONS = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+from seq2seq.precision import CHOICES as PRECISION_CHOICES
+from seq2seq.precision import set_precision  # noqa: F401  (part of this module's API)
 # Metrics early stopping can follow, and whether lower (-1) or higher (+1) is better.
 METRIC_MODES = {"val_loss": -1, "loss": -1, "val_bleu": 1}
 
@@ -66,21 +67,12 @@ class TrainingConfig:
     def __post_init__(self):
         if self.distribution not in distribute.STRATEGIES:
             raise ValueError(f"distribution must be one of {list(distribute.STRATEGIES)}, got {self.distribution!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {self.precision!r}")
         if self.epochs < 1 and not self.max_steps:
             raise ValueError("train for at least one epoch or give max_steps")
         if self.early_stopping_metric not in METRIC_MODES:
             raise ValueError(f"early_stopping_metric must be one of {sorted(METRIC_MODES)}, got {self.early_stopping_metric!r}")
-
-
-def set_precision(precision):
-    """Sets the global Keras dtype policy; call it before building the model.
-
-    "bf16" (mixed_bfloat16) suits CPUs with bfloat16 units (AMX, AVX512-BF16); "fp16"
-    (mixed_float16) suits GPUs. Logits, softmax and the loss stay in float32 either way.
-    """
-    keras.config.set_dtype_policy(PRECISIONS[precision])
 
 
 class PlannedBatches:
@@ -88,13 +80,39 @@ class PlannedBatches:
 
     plan_fn(epoch) -> list of int index arrays (deterministic for the epoch);
     make_batch(indices) -> (inputs, targets): a TensorFlow function gathering and padding
-    the examples (it runs inside tf.data, so it is fast and needs no Python per example).
+    the examples (it runs inside tf.data, so it is fast and needs no Python per example);
+    target_lengths: optional int array [num_examples], each example's target tokens with
+    `</s>`, from which training reports its throughput.
     """
 
-    def __init__(self, plan_fn, make_batch):
+    def __init__(self, plan_fn, make_batch, target_lengths=None):
         self.plan_fn = plan_fn
         self.make_batch = make_batch
+        self.target_lengths = None if target_lengths is None else np.asarray(target_lengths, dtype=np.int64)
         self._plans = {}
+        self._token_counts = {}
+
+    def target_tokens(self, start_step, end_step):
+        """Target tokens (`</s>` included, padding not) of the batches global steps
+        start_step .. end_step - 1 train on; None without `target_lengths`."""
+        if self.target_lengths is None:
+            return None
+        total = 0
+        epoch, batch = self.position(start_step)
+        remaining = end_step - start_step
+        while remaining > 0:
+            counts = self._batch_tokens(epoch)
+            taken = counts[batch : batch + remaining]
+            total += int(taken.sum())
+            remaining -= len(taken)
+            epoch, batch = epoch + 1, 0
+        return total
+
+    def _batch_tokens(self, epoch):
+        """Target tokens of every batch of the epoch's plan (kept: an int per batch)."""
+        if epoch not in self._token_counts:
+            self._token_counts[epoch] = np.array([self.target_lengths[b].sum() for b in self.plan(epoch)], np.int64)
+        return self._token_counts[epoch]
 
     def plan(self, epoch):
         if epoch not in self._plans:
@@ -180,6 +198,54 @@ def _replica_elements(batch, input_context):
             yield piece, True
         else:
             yield np.asarray(batch[:1], dtype=np.int64), False
+
+
+class _Throughput(keras.callbacks.Callback):
+    """Target tokens per second of training at every checkpoint, as OpenNMT-tf reports it.
+
+    Counts the target tokens (`</s>` included) of the steps since the previous checkpoint,
+    over the wall time of those steps only (validation and checkpoint writing are outside
+    it). The first `skip_steps` steps of a `fit` call, which trace the train function, are
+    left out. The figure goes into the logs (`target_tokens_per_second`: history, TensorBoard,
+    training_summary.json) and, with `verbose`, onto a line `target tokens/s: N`.
+    """
+
+    def __init__(self, batches, skip_steps=3, verbose=1):
+        super().__init__()
+        self.batches = batches
+        self.skip_steps = skip_steps
+        self.verbose = verbose
+        self.steps_done = 0
+
+    def _step(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start_time = self.start_step = None
+        if self.steps_done >= self.skip_steps:
+            self.start_time, self.start_step = time.perf_counter(), self._step()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps_done += 1
+        self.end_time = time.perf_counter()
+        if self.start_time is None and self.steps_done >= self.skip_steps:
+            self.start_time, self.start_step = self.end_time, self._step()
+
+    def on_epoch_end(self, epoch, logs=None):
+        end_step = self._step()
+        if self.start_step is None or end_step <= self.start_step or self.end_time <= self.start_time:
+            return
+        tokens = self.batches.target_tokens(self.start_step, end_step)
+        rate = tokens / (self.end_time - self.start_time)
+        if logs is not None:
+            logs["target_tokens_per_second"] = rate
+        if self.verbose:
+            print(
+                f"step {end_step}: target tokens/s: {rate:.0f} "
+                f"({tokens} target tokens in {end_step - self.start_step} steps, {self.end_time - self.start_time:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class _CheckpointAndStop(keras.callbacks.Callback):
@@ -346,7 +412,9 @@ class Trainer:
                 print("training already finished for this output dir")
             return None
         # Callbacks that add metrics (e.g. validation BLEU) run before the checkpoint reads them.
+        throughput = [_Throughput(batches, verbose=config.verbose)] if batches.target_lengths is not None else []
         all_callbacks = [
+            *throughput,
             *callbacks,
             _CheckpointAndStop(
                 self.manager, self.chunk, self.best, self.bad_chunks, config.early_stopping_patience,
@@ -394,6 +462,9 @@ class Trainer:
             "best_" + self.config.early_stopping_metric: METRIC_MODES[self.config.early_stopping_metric] * float(self.best.numpy()),
             "history": {key: [float(v) for v in values] for key, values in history.history.items()},
         }
+        rates = summary["history"].get("target_tokens_per_second")
+        if rates:
+            summary["target_tokens_per_second"] = float(np.mean(rates))
         (self.write_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
 
 
@@ -478,4 +549,4 @@ def sequence_batches(sources, targets, plan_fn, start_id=2, end_id=3, pad_to_mul
             source = _pad_time(source.to_tensor(0), pad_to_multiple)
         return {"source": source, "target_in": target_in}, target_out
 
-    return PlannedBatches(plan_fn, make_batch)
+    return PlannedBatches(plan_fn, make_batch, target_lengths=targets.row_lengths().numpy() + 1)

@@ -32,9 +32,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from seq2seq.decoders import AttentionDecoder
+from seq2seq.decoders import AttentionDecoder, tied_logits
 from seq2seq.encoders import Bridge, RNNEncoder
 from seq2seq.model import Seq2SeqModel
+from seq2seq.precision import Dense
 
 POSITION_KINDS = ("sinusoidal", "learned")
 _MASKED = -1e9  # added to masked attention scores (float32): exp underflows to exactly zero
@@ -136,7 +137,7 @@ class TransformerEncoder(keras.layers.Layer):
         if vocab_size:
             self.embedding = keras.layers.Embedding(vocab_size, units, name="embedding")
         else:
-            self.input_projection = keras.layers.Dense(units, name="input_projection")
+            self.input_projection = Dense(units, name="input_projection")
         self.position_embedding = PositionEmbedding(units, positions, max_length, name="positions")
         self.attention_norms = [_norm(f"layer{i}_attention_norm") for i in range(num_layers)]
         self.attentions = [
@@ -145,9 +146,9 @@ class TransformerEncoder(keras.layers.Layer):
         ]
         self.ffn_norms = [_norm(f"layer{i}_ffn_norm") for i in range(num_layers)]
         self.ffn_inner = [
-            keras.layers.Dense(self.ffn_dim, activation="relu", name=f"layer{i}_ffn_inner") for i in range(num_layers)
+            Dense(self.ffn_dim, activation="relu", name=f"layer{i}_ffn_inner") for i in range(num_layers)
         ]
-        self.ffn_outer = [keras.layers.Dense(units, name=f"layer{i}_ffn_outer") for i in range(num_layers)]
+        self.ffn_outer = [Dense(units, name=f"layer{i}_ffn_outer") for i in range(num_layers)]
         self.final_norm = _norm("final_norm")
         self.dropout_layer = keras.layers.Dropout(dropout)
 
@@ -274,11 +275,11 @@ class TransformerDecoder(keras.layers.Layer):
         self.cross_attention_norms = [_norm(f"layer{i}_cross_attention_norm") for i in range(n)]
         self.cross_attentions = [keras.layers.MultiHeadAttention(h, k, name=f"layer{i}_cross_attention") for i in range(n)]
         self.ffn_norms = [_norm(f"layer{i}_ffn_norm") for i in range(n)]
-        self.ffn_inner = [keras.layers.Dense(self.ffn_dim, activation="relu", name=f"layer{i}_ffn_inner") for i in range(n)]
-        self.ffn_outer = [keras.layers.Dense(units, name=f"layer{i}_ffn_outer") for i in range(n)]
+        self.ffn_inner = [Dense(self.ffn_dim, activation="relu", name=f"layer{i}_ffn_inner") for i in range(n)]
+        self.ffn_outer = [Dense(units, name=f"layer{i}_ffn_outer") for i in range(n)]
         self.final_norm = _norm("final_norm")
         if not tie_embeddings:
-            self.output_layer = keras.layers.Dense(vocab_size, name="output_layer")
+            self.output_layer = Dense(vocab_size, name="output_layer", float32_output=True)
         self.dropout_layer = keras.layers.Dropout(dropout)
 
     @property
@@ -300,7 +301,9 @@ class TransformerDecoder(keras.layers.Layer):
             self.ffn_outer[i].build((None, None, self.ffn_dim))
         self.final_norm.build((None, None, d))
         if self.tie_embeddings:
-            self.output_bias = self.add_weight(name="output_bias", shape=(self.vocab_size,), initializer="zeros")
+            self.output_bias = self.add_weight(
+                name="output_bias", shape=(self.vocab_size,), initializer="zeros", autocast=False
+            )
         else:
             self.output_layer.build((None, None, d))
 
@@ -387,12 +390,10 @@ class TransformerDecoder(keras.layers.Layer):
         return attention.output_dense(output), weights
 
     def _logits(self, x):
+        """Float32 logits (as in AttentionDecoder)."""
         if self.tie_embeddings:
-            matrix = ops.cast(self.embedding.embeddings, x.dtype)
-            logits = ops.matmul(x, ops.transpose(matrix)) + ops.cast(self.output_bias, x.dtype)
-        else:
-            logits = self.output_layer(x)
-        return ops.cast(logits, "float32")
+            return tied_logits(x, self.embedding.embeddings, self.output_bias)
+        return self.output_layer(x)
 
     def get_config(self):
         return {

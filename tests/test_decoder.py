@@ -140,9 +140,14 @@ def test_logits_are_float32_under_mixed_bfloat16(config):
         assert decoder.compute_dtype == "bfloat16"
         decoder.set_weights(reference.get_weights())
         target_in, state, context = inputs(decoder, dtype="bfloat16")
-        assert context["memory"].dtype == tf.bfloat16 and state["cells"][0][0].dtype == tf.bfloat16
+        # What the time loop carries or reads from outside it is float32 (its gradient is a
+        # sum over steps); the input-feeding vector, recomputed at every step, is bfloat16.
+        assert context["memory"].dtype == tf.float32 and context["keys"].dtype == tf.float32
+        assert all(part.dtype == tf.float32 for layer in state["cells"] for part in layer)
+        assert state["feed"].dtype == tf.bfloat16
         logits, attention = decoder(target_in, state, context)
-        step_logits, _, step_attention = decoder.step(target_in[:, 0], state, context)
+        step_logits, step_state, step_attention = decoder.step(target_in[:, 0], state, context)
+        assert all(part.dtype == tf.float32 for layer in step_state["cells"] for part in layer)
     finally:
         keras.config.set_dtype_policy("float32")
     assert logits.dtype == tf.float32 and step_logits.dtype == tf.float32

@@ -30,6 +30,7 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq.model import Seq2SeqModel
+from seq2seq.precision import Dense
 
 BACKBONES = ("mobilenet_v3_small", "efficientnet_b0", "inception_v3", "resnet50", "small_cnn")
 PRETRAINED_BACKBONES = BACKBONES[:4]
@@ -131,7 +132,7 @@ class FeatureEncoder(keras.layers.Layer):
         self.dropout = dropout
         self.positions = bool(positions)
         self.dropout_layer = keras.layers.Dropout(dropout)
-        self.projection = keras.layers.Dense(units, activation=activation, name="projection")
+        self.projection = Dense(units, activation=activation, name="projection")
 
     @property
     def output_size(self):

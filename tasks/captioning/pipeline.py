@@ -379,7 +379,7 @@ def caption_batches(sources, image_index, caption_ids, plan_fn, start_id=2, end_
         source = tf.gather(sources, tf.gather(image_index, indices))  # [batch, ...]
         return {"source": source, "target_in": target_in}, target_out
 
-    return PlannedBatches(plan_fn, make_batch)
+    return PlannedBatches(plan_fn, make_batch, target_lengths=targets.row_lengths().numpy() + 1)
 
 
 def make_batches(run, caption_set, sources, shuffle, report_name):
@@ -484,7 +484,7 @@ def train(config, validation_bleu=True):
     strategy = distribute.make_strategy(config.training.distribution)
     chief = distribute.is_chief(strategy)
     run_dir = Path(config.training.output_dir)
-    set_precision(config.training.precision)
+    config.training.precision = set_precision(config.training.precision)
     if chief:
         existing = (run_dir / "config.yaml").is_file()
         if existing:

@@ -286,7 +286,7 @@ def train(config, validation_bleu=True):
     # seeding clears TF's eager kernel cache, which would free the SentencePiece op's model.
     keras.utils.set_random_seed(config.training.seed)
     run_dir = Path(config.training.output_dir)
-    set_precision(config.training.precision)
+    config.training.precision = set_precision(config.training.precision)
     train_sources, train_targets = read_pairs(config, "train")
     valid_sources, valid_targets = read_pairs(config, "valid")
     if chief and (run_dir / "config.yaml").is_file():
