@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq.attention import make_attention
-from seq2seq.precision import Dense
+from seq2seq.precision import Dense, Dropout
 from seq2seq.rnn import RecurrentCell, check_cell_type
 
 
@@ -89,7 +89,7 @@ class AttentionDecoder(keras.layers.Layer):
         self.attention_output = keras.layers.Dense(units, activation="tanh", use_bias=False, name="attention_output")
         if not tie_embeddings:
             self.output_layer = Dense(vocab_size, name="output_layer", float32_output=True)
-        self.embedding_dropout = keras.layers.Dropout(dropout)
+        self.embedding_dropout = Dropout(dropout)
         self.seed_generator = keras.random.SeedGenerator(0)
 
     def build(self, memory_dim):

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from seq2seq.precision import Dense
+from seq2seq.precision import Dense, Dropout
 from seq2seq.rnn import RecurrentCell, check_cell_type, run_cell
 
 MERGE_MODES = ("concat", "sum", "average")
@@ -61,7 +61,7 @@ class RNNEncoder(keras.layers.Layer):
             [RecurrentCell(cell_type, units, name=f"layer{i}_{d}") for d in directions]
             for i in range(num_layers)
         ]
-        self.dropout_layer = keras.layers.Dropout(dropout)
+        self.dropout_layer = Dropout(dropout)
 
     @property
     def output_size(self):

@@ -90,3 +90,22 @@ class Dense(keras.layers.Dense):
 
     def get_config(self):
         return {**super().get_config(), "float32_output": self.float32_output}
+
+
+@keras.saving.register_keras_serializable(package="seq2seq")
+class Dropout(keras.layers.Dropout):
+    """`keras.layers.Dropout` whose mask is drawn in float32 whatever the compute dtype.
+
+    TensorFlow's dropout draws its uniform noise in the input's dtype: in bfloat16 that is
+    128 levels, so rate 0.3 keeps 69.5% of the units (scaled for 70%), and the masks differ
+    from a float32 run's with the same seed. Here the same seed gives the same mask in both.
+    """
+
+    def call(self, inputs, training=False):
+        if not training or self.rate <= 0:
+            return inputs
+        shape = ops.shape(inputs)
+        if self.noise_shape is not None:
+            shape = [shape[i] if size is None else size for i, size in enumerate(self.noise_shape)]
+        keep = keras.random.uniform(shape, seed=self.seed_generator, dtype="float32") >= self.rate
+        return ops.where(keep, inputs / ops.cast(1.0 - self.rate, inputs.dtype), ops.zeros_like(inputs))

@@ -35,7 +35,7 @@ from keras import ops
 from seq2seq.decoders import AttentionDecoder, tied_logits
 from seq2seq.encoders import Bridge, RNNEncoder
 from seq2seq.model import Seq2SeqModel
-from seq2seq.precision import Dense
+from seq2seq.precision import Dense, Dropout
 
 POSITION_KINDS = ("sinusoidal", "learned")
 _MASKED = -1e9  # added to masked attention scores (float32): exp underflows to exactly zero
@@ -150,7 +150,7 @@ class TransformerEncoder(keras.layers.Layer):
         ]
         self.ffn_outer = [Dense(units, name=f"layer{i}_ffn_outer") for i in range(num_layers)]
         self.final_norm = _norm("final_norm")
-        self.dropout_layer = keras.layers.Dropout(dropout)
+        self.dropout_layer = Dropout(dropout)
 
     @property
     def model_dim(self):
@@ -280,7 +280,7 @@ class TransformerDecoder(keras.layers.Layer):
         self.final_norm = _norm("final_norm")
         if not tie_embeddings:
             self.output_layer = Dense(vocab_size, name="output_layer", float32_output=True)
-        self.dropout_layer = keras.layers.Dropout(dropout)
+        self.dropout_layer = Dropout(dropout)
 
     @property
     def model_dim(self):

@@ -1,6 +1,7 @@
 """Training: a model learns to reverse sequences, exact resumption after kill -9, NaN
 detection, mixed precision, XLA, .keras round trip, the loss and the schedule."""
 
+import json
 import os
 import subprocess
 import sys
@@ -407,3 +408,37 @@ def test_warmup_decay_values():
         WarmupDecay(1.0, decay="cosine")
     clone = WarmupDecay.from_config(cosine.get_config())
     np.testing.assert_allclose(at(clone, [1, 6]), [0.5, 0.55], rtol=1e-6)
+
+
+# Throughput in the training log ---------------------------------------------------------
+
+
+def test_target_tokens_counts_the_planned_batches():
+    sources = reverse_data(300, seed=4)
+    batches = reverse_batches(sources, batch_size=32)
+    per_step = []
+    for epoch in range(2):
+        for indices in batches.plan(epoch):
+            _, target_out = batches.make_batch(tf.constant(indices))
+            per_step.append(int(tf.math.count_nonzero(target_out)))  # </s> included, padding not
+    steps_per_epoch = len(batches.plan(0))
+    assert batches.target_tokens(0, len(per_step)) == sum(per_step)
+    # Across the epoch boundary, from a resumed position.
+    start, end = steps_per_epoch - 3, steps_per_epoch + 4
+    assert batches.target_tokens(start, end) == sum(per_step[start:end])
+
+
+def test_training_reports_target_tokens_per_second(tmp_path, capsys):
+    keras.utils.set_random_seed(0)
+    model = build_rnn_model(VOCAB, VOCAB, cell_type="gru", units=8)
+    trainer = Trainer(model, config(tmp_path, max_steps=24, steps_per_checkpoint=8, verbose=1))
+    history = trainer.fit(reverse_batches(reverse_data(640, seed=0), batch_size=32))
+    rates = history.history["target_tokens_per_second"]
+    assert len(rates) == 3 and all(rate > 0 for rate in rates)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "target tokens/s: " in line]
+    assert len(lines) == 3 and lines[0].startswith("step 8: target tokens/s: ")
+    # The first interval leaves out the steps that traced the train function.
+    assert "in 5 steps" in lines[0] and "in 8 steps" in lines[1]
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["history"]["target_tokens_per_second"] == pytest.approx(rates)
+    assert summary["target_tokens_per_second"] == pytest.approx(np.mean(rates))

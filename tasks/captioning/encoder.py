@@ -30,7 +30,7 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq.model import Seq2SeqModel
-from seq2seq.precision import Dense
+from seq2seq.precision import Dense, Dropout
 
 BACKBONES = ("mobilenet_v3_small", "efficientnet_b0", "inception_v3", "resnet50", "small_cnn")
 PRETRAINED_BACKBONES = BACKBONES[:4]
@@ -131,7 +131,7 @@ class FeatureEncoder(keras.layers.Layer):
         self.activation = activation
         self.dropout = dropout
         self.positions = bool(positions)
-        self.dropout_layer = keras.layers.Dropout(dropout)
+        self.dropout_layer = Dropout(dropout)
         self.projection = Dense(units, activation=activation, name="projection")
 
     @property

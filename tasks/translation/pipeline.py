@@ -277,8 +277,9 @@ def translate_lines(translate_fn, lines, beam_size=5, n_best=1, length_penalty=0
     return results
 
 
-def train(config, validation_bleu=True):
-    """Trains (or resumes) the run in config.training.output_dir."""
+def train(config, validation_bleu=True, callbacks=()):
+    """Trains (or resumes) the run in config.training.output_dir; `callbacks` are extra
+    Keras callbacks for `fit` (e.g. a wall-clock budget)."""
     # First: a multi-worker strategy must be set up before TensorFlow runs any op.
     strategy = distribute.make_strategy(config.training.distribution)
     chief = distribute.is_chief(strategy)
@@ -306,7 +307,7 @@ def train(config, validation_bleu=True):
     )
     batches = make_batches(run, train_sources, train_targets, shuffle=True, report_name="train")
     validation = None
-    callbacks = []
+    callbacks = list(callbacks)
     if valid_sources:
         validation = make_batches(run, valid_sources, valid_targets, shuffle=False, report_name="valid")
     with distribute.scope(strategy):
