@@ -7,6 +7,7 @@ loss in float32. Anything summed over many terms must stay float32 too: see
 decoder loop) and `Dense` below (bias gradients).
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -60,6 +61,18 @@ def set_precision(precision, verbose=True):
     return precision
 
 
+@contextlib.contextmanager
+def precision_scope(precision, verbose=True):
+    """`set_precision` for the duration of a `with` block (which gets the precision set),
+    then the global dtype policy as it was: a training run in a notebook or a test process
+    leaves no bf16 policy behind for the models built after it (exports, inference)."""
+    previous = keras.config.dtype_policy()
+    try:
+        yield set_precision(precision, verbose=verbose)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 @keras.saving.register_keras_serializable(package="seq2seq")
 class Dense(keras.layers.Dense):
     """`keras.layers.Dense` whose bias gradient is summed accurately under bfloat16.
@@ -87,6 +100,11 @@ class Dense(keras.layers.Dense):
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Keras's Dense quantization (it refuses subclasses unless told otherwise); a
+        quantized layer runs Keras's own int8 call, in float32 inference."""
+        return super().quantize(mode, type_check=False, config=config)
 
     def get_config(self):
         return {**super().get_config(), "float32_output": self.float32_output}

@@ -99,6 +99,26 @@ def _norm(name):
     return keras.layers.LayerNormalization(epsilon=1e-6, name=name)
 
 
+def attend(attention, x, key, value, mask, dropout, training):
+    """Scaled dot-product attention with the projections of a `keras.layers.MultiHeadAttention`.
+
+    x [batch, time, units]; key, value [batch, keys, heads, head_dim] (from the layer's
+    `key_dense` / `value_dense`); mask broadcastable to [batch, time, keys]; dropout: a
+    Dropout layer for the attention weights. Scores, softmax and the weights' dropout run
+    in float32 (under bfloat16, Keras's own attention would take its softmax in bfloat16).
+    Returns the output [batch, time, units] and the weights [batch, heads, time, keys] in
+    float32 (exactly zero where masked). The encoder and the decoder both attend with it.
+    """
+    head_dim = key.shape[-1]
+    query = attention.query_dense(x) * ops.cast(1.0 / math.sqrt(head_dim), x.dtype)
+    scores = ops.cast(ops.einsum("bthd,bshd->bhts", query, ops.cast(key, query.dtype)), "float32")
+    scores = ops.where(mask[:, None], scores, _MASKED)  # [batch, heads, time, keys]
+    weights = tf.nn.softmax(scores, axis=-1)
+    dropped = dropout(weights, training=training)
+    output = ops.einsum("bhts,bshd->bthd", ops.cast(dropped, x.dtype), ops.cast(value, x.dtype))
+    return attention.output_dense(output), weights
+
+
 @keras.saving.register_keras_serializable(package="seq2seq")
 class TransformerEncoder(keras.layers.Layer):
     """Pre-norm Transformer encoder for token ids or pre-computed vectors.
@@ -107,7 +127,8 @@ class TransformerEncoder(keras.layers.Layer):
     without it, inputs are vectors [batch, time, dim] (e.g. image features), projected to
     `units`, with an optional boolean mask [batch, time] (all true by default).
     Returns the dict of `RNNEncoder`; memory vectors at padded positions are zero, and
-    padded positions change no output at real positions (they are masked as attention keys).
+    padded positions change no output at real positions (they are masked as attention keys;
+    the attention is `attend`, as in the decoder).
     final_states is [[(mean of memory over real positions,)]]: one layer, one direction.
     """
 
@@ -141,7 +162,7 @@ class TransformerEncoder(keras.layers.Layer):
         self.position_embedding = PositionEmbedding(units, positions, max_length, name="positions")
         self.attention_norms = [_norm(f"layer{i}_attention_norm") for i in range(num_layers)]
         self.attentions = [
-            keras.layers.MultiHeadAttention(num_heads, units // num_heads, dropout=dropout, name=f"layer{i}_attention")
+            keras.layers.MultiHeadAttention(num_heads, units // num_heads, name=f"layer{i}_attention")
             for i in range(num_layers)
         ]
         self.ffn_norms = [_norm(f"layer{i}_ffn_norm") for i in range(num_layers)]
@@ -193,11 +214,13 @@ class TransformerEncoder(keras.layers.Layer):
         length = ops.shape(x)[1]
         x = x + self.position_embedding(ops.arange(length))[None]
         x = self.dropout_layer(x, training=training)
-        # Every query sees the real keys only: [batch, src_len (queries), src_len (keys)].
-        attention_mask = ops.logical_and(mask[:, None, :], ops.ones_like(mask)[:, :, None])
+        attention_mask = mask[:, None, :]  # every query sees the real keys only: [batch, 1, src_len]
         for i in range(self.num_layers):
             h = self.attention_norms[i](x)
-            h = self.attentions[i](h, h, attention_mask=attention_mask, training=training)
+            attention = self.attentions[i]
+            h, _ = attend(
+                attention, h, attention.key_dense(h), attention.value_dense(h), attention_mask, self.dropout_layer, training
+            )
             x = x + self.dropout_layer(h, training=training)
             h = self.ffn_outer[i](self.dropout_layer(self.ffn_inner[i](self.ffn_norms[i](x)), training=training))
             x = x + self.dropout_layer(h, training=training)
@@ -235,7 +258,7 @@ class TransformerDecoder(keras.layers.Layer):
 
     The attention sublayers are `keras.layers.MultiHeadAttention`, used for their
     projections (`query_dense`, `key_dense`, `value_dense`, `output_dense`) so that keys
-    and values can be cached; the scores are computed here.
+    and values can be cached; the scores are computed by `attend`.
     """
 
     def __init__(
@@ -359,12 +382,14 @@ class TransformerDecoder(keras.layers.Layer):
             key = ops.concatenate([ops.cast(cache["key"], h.dtype), self_attention.key_dense(h)], axis=1)
             value = ops.concatenate([ops.cast(cache["value"], h.dtype), self_attention.value_dense(h)], axis=1)
             new_cache.append({"key": key, "value": value})
-            h, _ = self._attend(self_attention, h, key, value, causal, training)
+            h, _ = attend(self_attention, h, key, value, causal, self.dropout_layer, training)
             x = x + self.dropout_layer(h, training=training)
 
             cross = context["cross"][i]
             h = self.cross_attention_norms[i](x)
-            h, weights = self._attend(self.cross_attentions[i], h, cross["key"], cross["value"], memory_mask, training)
+            h, weights = attend(
+                self.cross_attentions[i], h, cross["key"], cross["value"], memory_mask, self.dropout_layer, training
+            )
             if i == self.alignment_layer % self.num_layers:
                 alignment = ops.mean(weights, axis=1)  # [batch, time, src_len]
             x = x + self.dropout_layer(h, training=training)
@@ -373,21 +398,6 @@ class TransformerDecoder(keras.layers.Layer):
             x = x + self.dropout_layer(h, training=training)
         new_state = {"step": state["step"] + time, "cache": tuple(new_cache)}
         return self._logits(self.final_norm(x)), new_state, alignment
-
-    def _attend(self, attention, x, key, value, mask, training):
-        """Scaled dot-product attention with the projections of a MultiHeadAttention layer.
-
-        x [batch, time, units]; key, value [batch, keys, heads, head_dim]; mask broadcastable
-        to [batch, time, keys]. Returns the output [batch, time, units] and the weights
-        [batch, heads, time, keys] in float32 (exactly zero where masked).
-        """
-        query = attention.query_dense(x) * ops.cast(1.0 / math.sqrt(self.head_dim), x.dtype)
-        scores = ops.cast(ops.einsum("bthd,bshd->bhts", query, ops.cast(key, query.dtype)), "float32")
-        scores = ops.where(mask[:, None], scores, _MASKED)  # [batch, heads, time, keys]
-        weights = tf.nn.softmax(scores, axis=-1)
-        dropped = self.dropout_layer(weights, training=training)
-        output = ops.einsum("bhts,bshd->bthd", ops.cast(dropped, x.dtype), ops.cast(value, x.dtype))
-        return attention.output_dense(output), weights
 
     def _logits(self, x):
         """Float32 logits (as in AttentionDecoder)."""

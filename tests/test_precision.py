@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from seq2seq.batching import plan_batches
 from seq2seq.model import build_rnn_model
-from seq2seq.precision import Dense, cpu_flags, resolve_precision, set_precision
+from seq2seq.precision import Dense, cpu_flags, precision_scope, resolve_precision, set_precision
 from seq2seq.training import Trainer, TrainingConfig, sequence_batches
 
 VOCAB = 12  # 0 pad, 1 unused, 2 start, 3 end, 4..11 symbols
@@ -116,7 +116,7 @@ def validation_curve(tmp_path, precision):
     try:
         model = build_rnn_model(VOCAB, VOCAB, cell_type="lstm", units=32, bidirectional=True, dropout=0.1)
         config = TrainingConfig(
-            output_dir=str(tmp_path / precision), max_steps=240, steps_per_checkpoint=40, learning_rate=3e-3,
+            output_dir=str(tmp_path / precision), max_steps=240, steps_per_checkpoint=40, learning_rate=1e-3,
             precision=precision, tensorboard=False, verbose=0,
         )
         history = Trainer(model, config).fit(batches(reverse_pairs(4000, 0), True), batches(reverse_pairs(300, 1), False))
@@ -126,9 +126,20 @@ def validation_curve(tmp_path, precision):
 
 
 def test_bf16_validation_loss_follows_float32(tmp_path):
-    """Reversing sequences of up to 15 symbols needs the cell state carried over many steps:
-    with it rounded to bf16 at every step, bf16 fell behind float32."""
+    """Same seed, same data, same dropout masks: the bf16 validation loss stays within 0.5%
+    of float32's at every checkpoint (measured: 0.15% at most). With dropout noise drawn in
+    bf16, as TensorFlow's dropout does, the curves drifted 0.6% apart by the last checkpoint."""
     float32 = validation_curve(tmp_path, "float32")
     bf16 = validation_curve(tmp_path, "bf16")
-    assert float32[-1] < 0.6 * float32[0], float32  # it learns
-    np.testing.assert_allclose(bf16, float32, rtol=0.04)
+    assert float32[-1] < 0.7 * float32[0], float32  # it learns
+    np.testing.assert_allclose(bf16, float32, rtol=0.005)
+
+
+def test_precision_scope_restores_the_global_policy(monkeypatch):
+    monkeypatch.setattr("seq2seq.precision.cpu_flags", lambda: {"amx_bf16"})
+    with precision_scope("auto", verbose=False) as precision:
+        assert precision == "bf16" and keras.config.dtype_policy().name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"
+    with pytest.raises(RuntimeError), precision_scope("bf16"):
+        raise RuntimeError("training failed")
+    assert keras.config.dtype_policy().name == "float32"  # models built next (exports) are float32

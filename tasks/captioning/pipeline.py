@@ -31,8 +31,9 @@ from seq2seq.config import SectionedConfig
 from seq2seq.decoders import AttentionDecoder
 from seq2seq.encoders import Bridge
 from seq2seq.model import Seq2SeqModel
+from seq2seq.precision import precision_scope
 from seq2seq.text import DataError, Vocabulary, WordTokenizer
-from seq2seq.training import PlannedBatches, Trainer, TrainingConfig, restore_model_weights, set_precision
+from seq2seq.training import PlannedBatches, Trainer, TrainingConfig, restore_model_weights
 from tasks.captioning import data, shapes
 from tasks.captioning.captioner import Captioner
 from tasks.captioning.encoder import (
@@ -480,11 +481,17 @@ class BleuCallback(keras.callbacks.Callback):
 
 def train(config, validation_bleu=True):
     """Trains (or resumes) the run in config.training.output_dir."""
+    with precision_scope(config.training.precision) as precision:
+        config.training.precision = precision
+        return _train(config, validation_bleu=validation_bleu)
+
+
+def _train(config, validation_bleu=True):
+    """`train` under its precision scope."""
     # First: a multi-worker strategy must be set up before TensorFlow runs any op.
     strategy = distribute.make_strategy(config.training.distribution)
     chief = distribute.is_chief(strategy)
     run_dir = Path(config.training.output_dir)
-    config.training.precision = set_precision(config.training.precision)
     if chief:
         existing = (run_dir / "config.yaml").is_file()
         if existing:

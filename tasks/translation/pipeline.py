@@ -23,8 +23,9 @@ import tensorflow as tf
 from seq2seq import distribute
 from seq2seq.batching import filter_by_length, plan_batches
 from seq2seq.model import build_rnn_model
+from seq2seq.precision import precision_scope
 from seq2seq.text import DataError, Vocabulary, WordTokenizer
-from seq2seq.training import Trainer, average_checkpoints, restore_model_weights, sequence_batches, set_precision
+from seq2seq.training import Trainer, average_checkpoints, restore_model_weights, sequence_batches
 from seq2seq.transformer import build_transformer_model
 from tasks.translation import data
 from tasks.translation.config import TranslationConfig
@@ -280,6 +281,13 @@ def translate_lines(translate_fn, lines, beam_size=5, n_best=1, length_penalty=0
 def train(config, validation_bleu=True, callbacks=()):
     """Trains (or resumes) the run in config.training.output_dir; `callbacks` are extra
     Keras callbacks for `fit` (e.g. a wall-clock budget)."""
+    with precision_scope(config.training.precision) as precision:
+        config.training.precision = precision
+        return _train(config, validation_bleu=validation_bleu, callbacks=callbacks)
+
+
+def _train(config, validation_bleu=True, callbacks=()):
+    """`train` under its precision scope."""
     # First: a multi-worker strategy must be set up before TensorFlow runs any op.
     strategy = distribute.make_strategy(config.training.distribution)
     chief = distribute.is_chief(strategy)
@@ -287,7 +295,6 @@ def train(config, validation_bleu=True, callbacks=()):
     # seeding clears TF's eager kernel cache, which would free the SentencePiece op's model.
     keras.utils.set_random_seed(config.training.seed)
     run_dir = Path(config.training.output_dir)
-    config.training.precision = set_precision(config.training.precision)
     train_sources, train_targets = read_pairs(config, "train")
     valid_sources, valid_targets = read_pairs(config, "valid")
     if chief and (run_dir / "config.yaml").is_file():
