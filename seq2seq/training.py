@@ -90,6 +90,7 @@ class PlannedBatches:
         self.make_batch = make_batch
         self.target_lengths = None if target_lengths is None else np.asarray(target_lengths, dtype=np.int64)
         self._plans = {}
+        self._epoch_lengths = {}
         self._token_counts = {}
 
     def target_tokens(self, start_step, end_step):
@@ -109,9 +110,12 @@ class PlannedBatches:
         return total
 
     def _batch_tokens(self, epoch):
-        """Target tokens of every batch of the epoch's plan (kept: an int per batch)."""
+        """Target tokens of every batch of the epoch's plan: an int per batch, kept for this
+        and the next epoch only (the plan itself is not kept for it)."""
         if epoch not in self._token_counts:
-            self._token_counts[epoch] = np.array([self.target_lengths[b].sum() for b in self.plan(epoch)], np.int64)
+            plan = self._plans.get(epoch) or self.plan_fn(epoch)
+            self._token_counts = {e: c for e, c in self._token_counts.items() if e >= epoch - 1}
+            self._token_counts[epoch] = np.array([self.target_lengths[b].sum() for b in plan], np.int64)
         return self._token_counts[epoch]
 
     def plan(self, epoch):
@@ -122,10 +126,17 @@ class PlannedBatches:
     def position(self, step):
         """The (epoch, batch index) that global step `step` trains on."""
         epoch = 0
-        while step >= len(self.plan(epoch)):
-            step -= len(self.plan(epoch))
+        while step >= self._epoch_length(epoch):
+            step -= self._epoch_length(epoch)
             epoch += 1
         return epoch, step
+
+    def _epoch_length(self, epoch):
+        """Batches in the epoch's plan, remembered as a number: finding a position does not
+        keep the plans of past epochs in memory."""
+        if epoch not in self._epoch_lengths:
+            self._epoch_lengths[epoch] = len(self._plans[epoch] if epoch in self._plans else self.plan_fn(epoch))
+        return self._epoch_lengths[epoch]
 
     def epoch_dataset(self, epoch=0, input_context=None):
         """The batches of one epoch, once (e.g. for validation with an unshuffled plan).
