@@ -1,10 +1,10 @@
-"""Numeric precision: the dtype policies, the automatic choice, and a bfloat16-safe Dense.
+"""Numeric precision: the dtype policies, the automatic choice, bfloat16-safe Dense and Dropout.
 
 Mixed bfloat16 ("bf16") runs the large matrix products on the bfloat16 units of CPUs with
 AMX or AVX512-BF16 and keeps variables, optimizer state, logits, softmax statistics and the
 loss in float32. Anything summed over many terms must stay float32 too: see
 `seq2seq.rnn` (carried cell state), `seq2seq.decoders` (loop-invariant tensors of the
-decoder loop) and `Dense` below (bias gradients).
+decoder loop), `Dense` below (bias gradients) and `Dropout` (its noise).
 """
 
 import contextlib
@@ -35,7 +35,7 @@ def cpu_flags(cpuinfo="/proc/cpuinfo"):
 def resolve_precision(precision, flags=None, verbose=True):
     """The precision to train with: `precision` itself, or for "auto" "bf16" on a CPU with
     bfloat16 matrix units (AMX or AVX512-BF16) and "float32" elsewhere; "auto" prints its
-    choice once, on stderr."""
+    choice on stderr (with `verbose`)."""
     if precision not in CHOICES:
         raise ValueError(f"precision must be one of {list(CHOICES)}, got {precision!r}")
     if precision != "auto":
