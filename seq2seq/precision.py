@@ -41,12 +41,25 @@ def resolve_precision(precision, flags=None, verbose=True):
     if precision != "auto":
         return precision
     flags = cpu_flags() if flags is None else set(flags)
-    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
-    chosen = "bf16" if found else "float32"
+    chosen = "bf16" if _bf16_flags(flags) else "float32"
     if verbose:
-        reason = f"the CPU has {', '.join(found)}" if found else "the CPU has no AMX or AVX512-BF16"
-        print(f"precision: {chosen} ({reason}; --precision float32|bf16 overrides)", file=sys.stderr, flush=True)
+        print(f"precision: {describe_precision('auto', chosen, flags)}", file=sys.stderr, flush=True)
     return chosen
+
+
+def _bf16_flags(flags):
+    return [flag for flag in BF16_CPU_FLAGS if flag in flags]
+
+
+def describe_precision(requested, resolved, flags=None):
+    """One phrase for the training log: the precision, and why when it was chosen automatically,
+    e.g. "bf16 (automatic: the CPU has amx_bf16; --precision float32 overrides)"."""
+    if requested != "auto":
+        return resolved
+    found = _bf16_flags(cpu_flags() if flags is None else set(flags))
+    reason = f"the CPU has {', '.join(found)}" if found else "the CPU has no AMX or AVX512-BF16"
+    other = "float32" if resolved == "bf16" else "bf16"
+    return f"{resolved} (automatic: {reason}; --precision {other} overrides)"
 
 
 def set_precision(precision, verbose=True):

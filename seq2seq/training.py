@@ -58,7 +58,7 @@ class TrainingConfig:
     keep_checkpoints: int = 5
     early_stopping_patience: int | None = None
     early_stopping_metric: str = "val_loss"
-    precision: str = "float32"
+    precision: str = "auto"
     jit_compile: bool = False
     tensorboard: bool = True
     verbose: int = 1

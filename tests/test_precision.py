@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from seq2seq.batching import plan_batches
 from seq2seq.model import build_rnn_model
-from seq2seq.precision import Dense, cpu_flags, precision_scope, resolve_precision, set_precision
+from seq2seq.precision import Dense, cpu_flags, describe_precision, precision_scope, resolve_precision, set_precision
 from seq2seq.training import Trainer, TrainingConfig, sequence_batches
 
 VOCAB = 12  # 0 pad, 1 unused, 2 start, 3 end, 4..11 symbols
@@ -27,12 +27,12 @@ def bf16_policy():
 def test_auto_chooses_bf16_on_cpus_with_bfloat16_units(flags, capsys):
     assert resolve_precision("auto", flags=flags) == "bf16"
     message = capsys.readouterr().err
-    assert message.startswith("precision: bf16 (the CPU has ") and "--precision float32|bf16 overrides" in message
+    assert message.startswith("precision: bf16 (automatic: the CPU has ") and "--precision float32 overrides" in message
 
 
 def test_auto_chooses_float32_elsewhere(capsys):
     assert resolve_precision("auto", flags={"fpu", "avx2", "avx512f"}) == "float32"
-    assert "precision: float32 (the CPU has no AMX or AVX512-BF16" in capsys.readouterr().err
+    assert "precision: float32 (automatic: the CPU has no AMX or AVX512-BF16; --precision bf16 overrides)" in capsys.readouterr().err
 
 
 def test_explicit_precision_overrides_the_cpu(capsys):
@@ -41,6 +41,17 @@ def test_explicit_precision_overrides_the_cpu(capsys):
     assert capsys.readouterr().err == ""
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("int8")
+
+
+def test_training_log_names_the_precision_and_why_when_automatic():
+    assert TrainingConfig(output_dir="unused").precision == "auto"
+    assert describe_precision("auto", "bf16", flags={"amx_bf16"}) == (
+        "bf16 (automatic: the CPU has amx_bf16; --precision float32 overrides)"
+    )
+    assert describe_precision("auto", "float32", flags=set()) == (
+        "float32 (automatic: the CPU has no AMX or AVX512-BF16; --precision bf16 overrides)"
+    )
+    assert describe_precision("bf16", "bf16", flags=set()) == "bf16"
 
 
 def test_cpu_flags_read_from_cpuinfo(tmp_path):

@@ -31,7 +31,7 @@ from seq2seq.config import SectionedConfig
 from seq2seq.decoders import AttentionDecoder
 from seq2seq.encoders import Bridge
 from seq2seq.model import Seq2SeqModel
-from seq2seq.precision import precision_scope
+from seq2seq.precision import describe_precision, precision_scope
 from seq2seq.text import DataError, Vocabulary, WordTokenizer
 from seq2seq.training import PlannedBatches, Trainer, TrainingConfig, restore_model_weights
 from tasks.captioning import data, shapes
@@ -481,13 +481,14 @@ class BleuCallback(keras.callbacks.Callback):
 
 def train(config, validation_bleu=True):
     """Trains (or resumes) the run in config.training.output_dir."""
-    with precision_scope(config.training.precision) as precision:
+    requested = config.training.precision
+    with precision_scope(requested, verbose=False) as precision:
         config.training.precision = precision
-        return _train(config, validation_bleu=validation_bleu)
+        return _train(config, validation_bleu=validation_bleu, precision_note=describe_precision(requested, precision))
 
 
-def _train(config, validation_bleu=True):
-    """`train` under its precision scope."""
+def _train(config, validation_bleu=True, precision_note=None):
+    """`train` under its precision scope; `precision_note` describes it in the log."""
     # First: a multi-worker strategy must be set up before TensorFlow runs any op.
     strategy = distribute.make_strategy(config.training.distribution)
     chief = distribute.is_chief(strategy)
@@ -532,7 +533,7 @@ def _train(config, validation_bleu=True):
         valid_sources = compute_features(image_encoder, valid_set.images) if valid_set else None
     else:
         train_sources, valid_sources = train_set.images, valid_set.images if valid_set else None
-    log(f"model: {model.count_params():,} parameters")
+    log(f"model: {model.count_params():,} parameters, precision {precision_note or config.training.precision}")
     batches = make_batches(run, train_set, train_sources, shuffle=True, report_name="train")
     validation, callbacks = None, []
     if valid_set:

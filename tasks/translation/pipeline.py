@@ -23,7 +23,7 @@ import tensorflow as tf
 from seq2seq import distribute
 from seq2seq.batching import filter_by_length, plan_batches
 from seq2seq.model import build_rnn_model
-from seq2seq.precision import precision_scope
+from seq2seq.precision import describe_precision, precision_scope
 from seq2seq.text import DataError, Vocabulary, WordTokenizer
 from seq2seq.training import Trainer, average_checkpoints, restore_model_weights, sequence_batches
 from seq2seq.transformer import build_transformer_model
@@ -281,13 +281,14 @@ def translate_lines(translate_fn, lines, beam_size=5, n_best=1, length_penalty=0
 def train(config, validation_bleu=True, callbacks=()):
     """Trains (or resumes) the run in config.training.output_dir; `callbacks` are extra
     Keras callbacks for `fit` (e.g. a wall-clock budget)."""
-    with precision_scope(config.training.precision) as precision:
+    requested = config.training.precision
+    with precision_scope(requested, verbose=False) as precision:
         config.training.precision = precision
-        return _train(config, validation_bleu=validation_bleu, callbacks=callbacks)
+        return _train(config, validation_bleu=validation_bleu, callbacks=callbacks, precision_note=describe_precision(requested, precision))
 
 
-def _train(config, validation_bleu=True, callbacks=()):
-    """`train` under its precision scope."""
+def _train(config, validation_bleu=True, callbacks=(), precision_note=None):
+    """`train` under its precision scope; `precision_note` describes it in the log."""
     # First: a multi-worker strategy must be set up before TensorFlow runs any op.
     strategy = distribute.make_strategy(config.training.distribution)
     chief = distribute.is_chief(strategy)
@@ -320,7 +321,7 @@ def _train(config, validation_bleu=True, callbacks=()):
     with distribute.scope(strategy):
         model = run.build_model()
         trainer = Trainer(model, run.config.training, strategy)
-    log(f"model: {model.count_params():,} parameters")
+    log(f"model: {model.count_params():,} parameters, precision {precision_note or config.training.precision}")
     if valid_sources and validation_bleu:
         callbacks.append(BleuCallback(run.translator(model), valid_sources, valid_targets))
     trainer.fit(batches, validation=validation, callbacks=callbacks)
