@@ -29,10 +29,12 @@ import tensorflow_text  # noqa: E402,F401  (registers the SentencePiece ops of s
 PROJECT = Path(__file__).resolve().parents[1]
 DATA = PROJECT.parent / "shared" / "data" / "multi30k"
 sys.path.insert(0, str(PROJECT))
+sys.path.insert(0, str(PROJECT / "bench"))
 
 from seq2seq import cli  # noqa: E402
 from tasks.translation.data import read_lines  # noqa: E402
 from tasks.translation.pipeline import corpus_scores  # noqa: E402
+from timing import op_table  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
 
 
 def matmul_rate(seconds=2.0, size=2048):
@@ -79,6 +81,20 @@ def cli_first_line(model_dir, sentence):
     return seconds, line.decode("utf-8").strip()
 
 
+def profile(model, sources, args):
+    """Beam 5 over the first `args.profile` length-sorted batches under the TF profiler."""
+    import tempfile
+
+    ordered = sorted(sources, key=len)[: args.profile * args.batch_size]
+    decode_corpus(model, ordered[: args.batch_size], 5, args.batch_size)
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        seconds, _, tokens = decode_corpus(model, ordered, 5, args.batch_size)
+        tf.profiler.experimental.stop()
+        print(f"beam 5 over {len(ordered)} sentences: {seconds:.2f} s (under the profiler), {tokens} tokens")
+        op_table(logdir, 30)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a SavedModel directory or a TF Serving model directory (highest version)")
@@ -87,6 +103,8 @@ def main():
     parser.add_argument("--latency-sentences", type=int, default=200)
     parser.add_argument("--reference-tflop", type=float, default=0.77)
     parser.add_argument("--skip-cli", action="store_true", help="do not time the CLI start-up")
+    parser.add_argument("--profile", type=int, metavar="BATCHES",
+                        help="only profile beam 5 over this many batches and print the per-op table (needs xprof)")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"error: {DATA} not found (Multi30k is expected at ../shared/data/multi30k)")
@@ -96,6 +114,8 @@ def main():
     start = time.perf_counter()
     model = tf.saved_model.load(str(model_dir))
     print(f"{model_dir}: loaded in {time.perf_counter() - start:.1f} s")
+    if args.profile:
+        return profile(model, sources, args)
     rate = matmul_rate()
     print(f"float32 2048^3 product in this process: {rate:.0f} GFLOP/s")
     beam_seconds = None

@@ -32,6 +32,7 @@ from seq2seq.optimizers import FusedAdam  # noqa: E402
 from seq2seq.training import set_precision  # noqa: E402
 from tasks.translation.config import TranslationConfig  # noqa: E402
 from tasks.translation.pipeline import TranslationRun, make_batches, read_pairs  # noqa: E402
+from timing import op_table  # noqa: E402  (bench/timing.py)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,34 +62,6 @@ def timed(function, batches, label):
     tokens = sum(int(tf.math.count_nonzero(t)) for _, t in batches[2:])
     print(f"{label:<34} {np.mean(times) * 1000:7.1f} ms/step  {tokens / sum(times):8,.0f} target tokens/s")
     return np.mean(times)
-
-
-def op_table(logdir, top):
-    try:
-        from xprof.convert import raw_to_tool_data
-    except ImportError:
-        print("(per-op table skipped: pip install xprof)")
-        return
-    import json
-
-    paths = sorted(str(p) for p in Path(logdir).rglob("*.xplane.pb"))
-    data, _ = raw_to_tool_data.xspace_to_tool_data(paths, "framework_op_stats", {})
-    table = json.loads(data)
-    table = table[0] if isinstance(table, list) else table
-    columns = [c["id"] if c.get("id") else c["label"] for c in table["cols"]]
-    rows = [[cell["v"] if cell else None for cell in row["c"]] for row in table["rows"]]
-    col = {name: i for i, name in enumerate(columns)}
-    type_key = "type" if "type" in col else columns[2]
-    self_key = next(k for k in ("total_self_time", "self_time") if k in col)
-    by_type = {}
-    for row in rows:
-        if row[col.get("host_or_device", 0)] not in ("Host", "Device", None) and False:
-            continue
-        by_type[row[col[type_key]]] = by_type.get(row[col[type_key]], 0.0) + float(row[col[self_key]])
-    total = sum(by_type.values())
-    print(f"\nTensorFlow ops by self time ({total / 1000:.0f} ms in all over the profiled steps):")
-    for op_type, micros in sorted(by_type.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"  {op_type:<34} {micros / 1000:9.1f} ms  {100 * micros / total:5.1f}%")
 
 
 def main():

@@ -87,6 +87,39 @@ def _log_softmax(logits):
     return tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
 
 
+_TOP_K_BLOCK = 128  # vocabulary entries a block in `top_k_rows`
+
+
+def top_k_rows(values, k):
+    """tf.math.top_k over the last axis of [rows, vocab] values, exactly (same values, same
+    indices, ties to the lower index), plus each row's maximum: (values [rows, k], indices
+    [rows, k] int32, row_max [rows]).
+
+    Two stages, because TopK over the whole vocabulary is slow on CPU for a small k: the
+    maximum of every block of 128 entries (one vectorized pass), the k best blocks, then
+    top-k among their entries. The k best entries always lie in the k blocks with the best
+    maxima."""
+    rows, vocab = tf.shape(values)[0], tf.shape(values)[1]
+    blocks = (vocab + _TOP_K_BLOCK - 1) // _TOP_K_BLOCK
+    padded = tf.pad(values, [[0, 0], [0, blocks * _TOP_K_BLOCK - vocab]], constant_values=-float("inf"))
+    grouped = tf.reshape(padded, [rows, blocks, _TOP_K_BLOCK])
+    block_max = tf.reduce_max(grouped, axis=-1)  # [rows, blocks]
+    _, best_blocks = tf.math.top_k(block_max, k=tf.minimum(k, blocks))
+    best_blocks = tf.sort(best_blocks, axis=-1)  # in index order, so that ties go to the lower index
+    candidates = tf.reshape(tf.gather(grouped, best_blocks, batch_dims=1), [rows, -1])
+    top_values, position = tf.math.top_k(candidates, k=k)
+    block = tf.gather(best_blocks, position // _TOP_K_BLOCK, batch_dims=1)
+    return top_values, block * _TOP_K_BLOCK + position % _TOP_K_BLOCK, tf.reduce_max(block_max, axis=-1)
+
+
+def log_probs_of(logits, chosen_logits, row_max):
+    """Log-probabilities of `chosen_logits` [rows, n] taken from `logits` [rows, vocab],
+    computed as the log-softmax kernel does, (x - max) - log(sum(exp(logits - max))),
+    without the log-softmax of the whole vocabulary."""
+    log_sum = tf.math.log(tf.reduce_sum(tf.exp(logits - row_max[:, None]), axis=-1))
+    return (chosen_logits - row_max[:, None]) - log_sum[:, None]
+
+
 def _fill_after_end(ids, lengths, end_id):
     """ids [..., time]: positions at and after `lengths` become the end token."""
     positions = tf.range(tf.shape(ids)[-1])
@@ -94,7 +127,8 @@ def _fill_after_end(ids, lengths, end_id):
 
 
 def _sequential_search(step_fn, initial_state, context, batch_size, start_id, end_id, max_length, choose):
-    """The loop shared by greedy search and sampling; `choose(log_probs, step)` picks the tokens."""
+    """The loop shared by greedy search and sampling; `choose(logits, step)` picks the tokens
+    from float32 logits [batch, vocab]."""
     max_lengths = _max_lengths(max_length, batch_size)
     limit = tf.reduce_max(max_lengths)
     tokens = tf.fill([batch_size], tf.cast(start_id, tf.int32))
@@ -107,9 +141,10 @@ def _sequential_search(step_fn, initial_state, context, batch_size, start_id, en
 
     def body(t, tokens, state, finished, log_probs, lengths, ended, ids, attention):
         logits, state, step_attention = step_fn(tokens, state, context)
-        token_log_probs = _log_softmax(logits)  # [batch, vocab]
-        tokens = tf.where(finished, end_id, tf.cast(choose(token_log_probs, t), tf.int32))
-        chosen = tf.gather(token_log_probs, tokens, batch_dims=1)  # [batch]
+        logits = tf.cast(logits, tf.float32)
+        tokens = tf.where(finished, end_id, tf.cast(choose(logits, t), tf.int32))
+        chosen_logits = tf.gather(logits, tokens, batch_dims=1)[:, None]
+        chosen = log_probs_of(logits, chosen_logits, tf.reduce_max(logits, axis=-1))[:, 0]  # [batch]
         log_probs += tf.where(finished, 0.0, chosen)
         lengths += tf.cast(~finished, tf.int32)
         step_attention = tf.where(finished[:, None], 0.0, tf.cast(step_attention, tf.float32))
@@ -140,7 +175,7 @@ def greedy_search(step_fn, initial_state, context, batch_size, start_id, end_id,
     """Picks the most likely token at every step."""
     return _sequential_search(
         step_fn, initial_state, context, batch_size, start_id, end_id, max_length,
-        choose=lambda log_probs, step: tf.argmax(log_probs, axis=-1, output_type=tf.int32),
+        choose=lambda logits, step: tf.argmax(logits, axis=-1, output_type=tf.int32),
     )
 
 
@@ -156,8 +191,8 @@ def sampling_search(
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
 
-    def choose(log_probs, step):
-        scaled = log_probs / temperature
+    def choose(logits, step):
+        scaled = _log_softmax(logits) / temperature
         if top_k:
             kth_best = tf.math.top_k(scaled, k=top_k).values[:, -1:]  # [batch, 1]
             scaled = tf.where(scaled < kth_best, tf.constant(-float("inf")), scaled)
@@ -180,6 +215,12 @@ def beam_search(
     every row has finished or reached its maximum length. Returns the `n_best` hypotheses
     of each row, best first. beam_size, n_best and length_penalty may be scalar tensors, so
     one exported graph serves any beam size.
+
+    Only the per-step work that must see the whole vocabulary does: each beam's own
+    `beam_size` best tokens (`top_k_rows`; the length penalty is the same for all tokens of a
+    beam, so the best continuations are among them) and its log-normalizer. The chosen
+    tokens, their parent beams and their attention go into fixed-shape TensorArrays, and
+    the hypotheses are read back through the parents once at the end.
     """
     if isinstance(beam_size, int) and beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
@@ -198,39 +239,42 @@ def beam_search(
     finished = max_lengths <= 0
     lengths = tf.zeros([batch_size, k], tf.int32)
     ended = tf.zeros([batch_size, k], tf.bool)
-    ids = tf.zeros([batch_size, k, 0], tf.int32)
-    attention = tf.zeros([batch_size, k, 0, 0], tf.float32)
+    chosen = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None, None])  # [batch, beam] a step
+    parents = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None, None])
+    attention = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[None, None, None])
     row_offsets = tf.range(batch_size)[:, None] * k  # [batch, 1]
 
-    def body(t, tokens, state, log_probs, finished, lengths, ended, ids, attention):
+    def body(t, tokens, state, log_probs, finished, lengths, ended, chosen, parents, attention):
         logits, state, step_attention = step_fn(tokens, state, context)
-        vocab_size = tf.shape(logits)[-1]
-        token_log_probs = tf.reshape(_log_softmax(logits), [batch_size, k, vocab_size])
+        logits = tf.cast(logits, tf.float32)
         # A finished beam may only continue with the end token, at no cost: its score is frozen.
-        frozen = tf.where(tf.equal(tf.range(vocab_size), end_id), 0.0, -float("inf"))
-        token_log_probs = tf.where(finished[:, :, None], frozen, token_log_probs)
-        totals = log_probs[:, :, None] + token_log_probs  # [batch, beam, vocab]
+        per_beam = tf.minimum(k, tf.shape(logits)[-1])  # candidates a beam
+        top_logits, top_tokens, row_max = top_k_rows(logits, per_beam)  # [batch * beam, per_beam]
+        candidates = tf.reshape(log_probs_of(logits, top_logits, row_max), [batch_size, k, per_beam])
+        frozen = tf.where(tf.range(per_beam) == 0, 0.0, -float("inf"))
+        candidates = tf.where(finished[:, :, None], frozen, candidates)
+        top_tokens = tf.where(finished[:, :, None], end_id, tf.reshape(top_tokens, [batch_size, k, per_beam]))
+        totals = log_probs[:, :, None] + candidates  # [batch, beam, per_beam]
         new_lengths = lengths + tf.cast(~finished, tf.int32)
         scores = sequence_score(totals, new_lengths[:, :, None], length_penalty, length_normalize)
-        _, best = tf.math.top_k(tf.reshape(scores, [batch_size, k * vocab_size]), k=k)  # [batch, beam]
-        beams = best // vocab_size
-        tokens = best % vocab_size
-        log_probs = tf.gather(tf.reshape(totals, [batch_size, -1]), best, batch_dims=1)
+        _, best = tf.math.top_k(tf.reshape(scores, [batch_size, k * per_beam]), k=k)  # [batch, beam]
+        beams = best // per_beam
+        tokens = tf.gather(tf.reshape(top_tokens, [batch_size, k * per_beam]), best, batch_dims=1)
+        log_probs = tf.gather(tf.reshape(totals, [batch_size, k * per_beam]), best, batch_dims=1)
         was_finished = tf.gather(finished, beams, batch_dims=1)
         lengths = tf.gather(new_lengths, beams, batch_dims=1)
         ended = tf.gather(ended, beams, batch_dims=1) | (~was_finished & tf.equal(tokens, end_id))
         finished = was_finished | tf.equal(tokens, end_id) | (lengths >= max_lengths)
-        ids = tf.concat([tf.gather(ids, beams, batch_dims=1), tokens[:, :, None]], axis=2)
         step_attention = tf.reshape(tf.cast(step_attention, tf.float32), [batch_size, k, -1])
         step_attention = tf.where(was_finished[:, :, None], 0.0, tf.gather(step_attention, beams, batch_dims=1))
-        previous = tf.gather(attention, beams, batch_dims=1)
-        previous = tf.pad(previous, [[0, 0], [0, 0], [0, 0], [0, tf.shape(step_attention)[-1] - tf.shape(previous)[-1]]])
-        attention = tf.concat([previous, step_attention[:, :, None, :]], axis=2)
         state = gather_beams(state, tf.reshape(beams + row_offsets, [-1]))
-        return t + 1, tf.reshape(tokens, [-1]), state, log_probs, finished, lengths, ended, ids, attention
+        return (
+            t + 1, tf.reshape(tokens, [-1]), state, log_probs, finished, lengths, ended,
+            chosen.write(t, tokens), parents.write(t, beams), attention.write(t, step_attention),
+        )
 
-    loop_vars = (tf.constant(0), tokens, state, log_probs, finished, lengths, ended, ids, attention)
-    _, _, _, log_probs, _, lengths, ended, ids, attention = tf.while_loop(
+    loop_vars = (tf.constant(0), tokens, state, log_probs, finished, lengths, ended, chosen, parents, attention)
+    _, _, _, log_probs, _, lengths, ended, chosen, parents, attention = tf.while_loop(
         lambda t, tokens, state, log_probs, finished, *_: (t < limit) & ~tf.reduce_all(finished),
         body,
         loop_vars,
@@ -238,11 +282,33 @@ def beam_search(
     )
     scores = sequence_score(log_probs, lengths, length_penalty, length_normalize)
     scores, order = tf.math.top_k(scores, k=n_best)  # best first
+    ids, attention = _backtrack(chosen, parents, attention, order)
     lengths = tf.gather(lengths - tf.cast(ended, tf.int32), order, batch_dims=1)
     return DecodingResult(
-        ids=_fill_after_end(tf.gather(ids, order, batch_dims=1), lengths, end_id),
+        ids=_fill_after_end(ids, lengths, end_id),
         lengths=lengths,
         scores=scores,
         log_probs=tf.gather(log_probs, order, batch_dims=1),
-        attention=tf.gather(attention, order, batch_dims=1),
+        attention=attention,
     )
+
+
+def _backtrack(chosen, parents, attention, final_beams):
+    """The hypotheses ending in `final_beams` [batch, N] (beam indices after the last step):
+    ids [batch, N, time] and attention [batch, N, time, src_len], read from the per-step
+    TensorArrays of chosen tokens, parent beams and attention, last step first."""
+    steps = chosen.size()
+    batch_size, hypotheses = tf.shape(final_beams)[0], tf.shape(final_beams)[1]
+    ids = tf.TensorArray(tf.int32, size=steps, element_shape=[None, None])
+    weights = tf.TensorArray(tf.float32, size=steps, element_shape=[None, None, None])
+
+    def body(t, beams, ids, weights):
+        ids = ids.write(t, tf.gather(chosen.read(t), beams, batch_dims=1))
+        weights = weights.write(t, tf.gather(attention.read(t), beams, batch_dims=1))
+        return t - 1, tf.gather(parents.read(t), beams, batch_dims=1), ids, weights
+
+    _, _, ids, weights = tf.while_loop(lambda t, *_: t >= 0, body, (steps - 1, final_beams, ids, weights))
+    ids = tf.reshape(ids.stack(), [steps, batch_size, hypotheses])
+    weights = weights.stack()  # [time, batch, N, src_len]
+    weights = tf.reshape(weights, [steps, batch_size, hypotheses, tf.shape(weights)[-1]])
+    return tf.transpose(ids, [1, 2, 0]), tf.transpose(weights, [1, 2, 0, 3])

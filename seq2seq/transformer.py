@@ -14,7 +14,7 @@ so a `Bridge(kind="dense")` can start an RNN `AttentionDecoder` from it.
     logits, state, attention = decoder.step(token_ids, state, context)
 
 The state is {"step": int32 [batch], "cache": one {"key", "value"} per layer, each
-[batch, steps_so_far, heads, head_dim]}: the self-attention key/value cache grows by one
+[batch, heads, steps_so_far, head_dim]}: the self-attention key/value cache grows by one
 position per step, and every tensor has the batch first, so the searches in
 `seq2seq.decoding` tile and reorder it like any other state. The position of each row's
 next token is `state["step"]`. Stepping and the teacher-forced `call` run the same code
@@ -99,24 +99,31 @@ def _norm(name):
     return keras.layers.LayerNormalization(epsilon=1e-6, name=name)
 
 
+def heads_first(projected):
+    """[batch, time, heads, head_dim] (a MultiHeadAttention projection) -> [batch, heads, time, head_dim]."""
+    return tf.transpose(projected, [0, 2, 1, 3])
+
+
 def attend(attention, x, key, value, mask, dropout, training):
     """Scaled dot-product attention with the projections of a `keras.layers.MultiHeadAttention`.
 
-    x [batch, time, units]; key, value [batch, keys, heads, head_dim] (from the layer's
-    `key_dense` / `value_dense`); mask broadcastable to [batch, time, keys]; dropout: a
-    Dropout layer for the attention weights. Scores, softmax and the weights' dropout run
-    in float32 (under bfloat16, Keras's own attention would take its softmax in bfloat16).
-    Returns the output [batch, time, units] and the weights [batch, heads, time, keys] in
-    float32 (exactly zero where masked). The encoder and the decoder both attend with it.
+    x [batch, time, units]; key, value [batch, heads, keys, head_dim] (the layer's
+    `key_dense` / `value_dense` outputs through `heads_first`: the layout the batched
+    products read without a transpose, and the layout of the decoder's key/value cache);
+    mask broadcastable to [batch, time, keys]; dropout: a Dropout layer for the attention
+    weights. Scores, softmax and the weights' dropout run in float32 (under bfloat16,
+    Keras's own attention would take its softmax in bfloat16). Returns the output
+    [batch, time, units] and the weights [batch, heads, time, keys] in float32 (exactly
+    zero where masked). The encoder and the decoder both attend with it.
     """
     head_dim = key.shape[-1]
-    query = attention.query_dense(x) * ops.cast(1.0 / math.sqrt(head_dim), x.dtype)
-    scores = ops.cast(ops.einsum("bthd,bshd->bhts", query, ops.cast(key, query.dtype)), "float32")
-    scores = ops.where(mask[:, None], scores, _MASKED)  # [batch, heads, time, keys]
+    query = heads_first(attention.query_dense(x) * ops.cast(1.0 / math.sqrt(head_dim), x.dtype))
+    scores = tf.cast(tf.matmul(query, tf.cast(key, query.dtype), transpose_b=True), tf.float32)
+    scores = tf.where(mask[:, None], scores, _MASKED)  # [batch, heads, time, keys]
     weights = tf.nn.softmax(scores, axis=-1)
     dropped = dropout(weights, training=training)
-    output = ops.einsum("bhts,bshd->bthd", ops.cast(dropped, x.dtype), ops.cast(value, x.dtype))
-    return attention.output_dense(output), weights
+    output = tf.matmul(tf.cast(dropped, x.dtype), tf.cast(value, x.dtype))  # [batch, heads, time, head_dim]
+    return attention.output_dense(tf.transpose(output, [0, 2, 1, 3])), weights
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
@@ -218,9 +225,8 @@ class TransformerEncoder(keras.layers.Layer):
         for i in range(self.num_layers):
             h = self.attention_norms[i](x)
             attention = self.attentions[i]
-            h, _ = attend(
-                attention, h, attention.key_dense(h), attention.value_dense(h), attention_mask, self.dropout_layer, training
-            )
+            key, value = heads_first(attention.key_dense(h)), heads_first(attention.value_dense(h))
+            h, _ = attend(attention, h, key, value, attention_mask, self.dropout_layer, training)
             x = x + self.dropout_layer(h, training=training)
             h = self.ffn_outer[i](self.dropout_layer(self.ffn_inner[i](self.ffn_norms[i](x)), training=training))
             x = x + self.dropout_layer(h, training=training)
@@ -332,12 +338,12 @@ class TransformerDecoder(keras.layers.Layer):
 
     def prepare_context(self, memory, memory_mask):
         """Memory, its mask and every layer's cross-attention keys and values
-        ([batch, src_len, heads, head_dim]), computed once per source batch."""
+        ([batch, heads, src_len, head_dim]), computed once per source batch."""
         return {
             "memory": memory,
             "memory_mask": ops.cast(memory_mask, "bool"),
             "cross": tuple(
-                {"key": attention.key_dense(memory), "value": attention.value_dense(memory)}
+                {"key": heads_first(attention.key_dense(memory)), "value": heads_first(attention.value_dense(memory))}
                 for attention in self.cross_attentions
             ),
         }
@@ -345,7 +351,7 @@ class TransformerDecoder(keras.layers.Layer):
     def initial_state(self, cell_states, batch_size, dtype=None):
         """An empty cache at step 0. cell_states (from a Bridge) are accepted and ignored."""
         dtype = dtype or self.compute_dtype
-        empty = ops.zeros((batch_size, 0, self.num_heads, self.head_dim), dtype=dtype)
+        empty = ops.zeros((batch_size, self.num_heads, 0, self.head_dim), dtype=dtype)
         return {
             "step": ops.zeros((batch_size,), dtype="int32"),
             "cache": tuple({"key": empty, "value": empty} for _ in range(self.num_layers)),
@@ -366,7 +372,7 @@ class TransformerDecoder(keras.layers.Layer):
     def _forward(self, tokens, state, context, training):
         """tokens [batch, time] after the cached prefix -> logits, new state, attention."""
         time = tf.shape(tokens)[1]
-        past = tf.shape(state["cache"][0]["key"])[1]
+        past = tf.shape(state["cache"][0]["key"])[2]
         positions = state["step"][:, None] + tf.range(time)[None, :]  # [batch, time]
         x = self.embedding(tokens) * ops.cast(math.sqrt(self.units), self.compute_dtype)
         x = self.dropout_layer(x + self.position_embedding(positions), training=training)
@@ -379,8 +385,8 @@ class TransformerDecoder(keras.layers.Layer):
             self_attention = self.self_attentions[i]
             h = self.self_attention_norms[i](x)
             cache = state["cache"][i]
-            key = ops.concatenate([ops.cast(cache["key"], h.dtype), self_attention.key_dense(h)], axis=1)
-            value = ops.concatenate([ops.cast(cache["value"], h.dtype), self_attention.value_dense(h)], axis=1)
+            key = tf.concat([tf.cast(cache["key"], h.dtype), heads_first(self_attention.key_dense(h))], axis=2)
+            value = tf.concat([tf.cast(cache["value"], h.dtype), heads_first(self_attention.value_dense(h))], axis=2)
             new_cache.append({"key": key, "value": value})
             h, _ = attend(self_attention, h, key, value, causal, self.dropout_layer, training)
             x = x + self.dropout_layer(h, training=training)

@@ -71,9 +71,9 @@ def test_cached_steps_equal_teacher_forcing(positions, tie):
     assert logits.dtype == tf.float32 and logits.shape == (len(SOURCE_LENGTHS), 6, VOCAB)
     np.testing.assert_allclose(np.stack(step_logits, 1), logits, atol=1e-5)
     np.testing.assert_allclose(np.stack(step_attention, 1), attention, atol=1e-5)
-    # The cache grew by one position per step, batch first; the step counter is per row.
+    # The cache grew by one position per step, batch first, heads before time; the step counter is per row.
     for layer in state["cache"]:
-        assert layer["key"].shape == (len(SOURCE_LENGTHS), 6, 2, 8) == layer["value"].shape
+        assert layer["key"].shape == (len(SOURCE_LENGTHS), 2, 6, 8) == layer["value"].shape
     np.testing.assert_array_equal(state["step"], [6] * len(SOURCE_LENGTHS))
 
 

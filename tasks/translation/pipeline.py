@@ -340,9 +340,92 @@ def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unkn
         "translate": translator.translate,
     }
     tf.saved_model.save(translator, str(export_dir), signatures=signatures)
-    (export_dir / "assets.extra").mkdir(exist_ok=True)
-    run.config.save(export_dir / "assets.extra" / "config.yaml")
+    extra = export_dir / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    run.config.save(extra / "config.yaml")
+    for side, tokenizer, vocab in (("source", run.source_tokenizer, run.source_vocab), ("target", run.target_tokenizer, run.target_vocab)):
+        vocab.save(extra / f"{side}.vocab")
+        if isinstance(tokenizer, SentencePieceTokenizer):
+            tokenizer.save(extra / f"{side}.spm")
     return export_dir
+
+
+def load_export(export_dir):
+    """The run and the model of a translation SavedModel this toolkit exported, so that it can
+    be exported again with the current graph: the same weights (an int8 export's model comes
+    back quantized, its int8 values unchanged), config, tokenizers and vocabularies.
+
+    Exports carry their vocabularies and SentencePiece models in assets.extra/; for older
+    SentencePiece exports the models are read from the graph."""
+    export_dir = Path(export_dir)
+    extra = export_dir / "assets.extra"
+    if not (extra / "config.yaml").is_file():
+        raise DataError(f"{export_dir}: not a translation SavedModel exported by seq2seq (no assets.extra/config.yaml)")
+    config = TranslationConfig.load(extra / "config.yaml")
+    if config.tokenization.scheme == "sentencepiece":
+        models = {side: (extra / f"{side}.spm").read_bytes() for side in ("source", "target") if (extra / f"{side}.spm").is_file()}
+        if len(models) < 2:
+            models = _sentencepiece_models_in_graph(export_dir)
+        tokenizers = [SentencePieceTokenizer(models[side]) for side in ("source", "target")]
+        vocabs = [sentencepiece_vocabulary(models[side]) for side in ("source", "target")]
+    else:
+        missing = [side for side in ("source", "target") if not (extra / f"{side}.vocab").is_file()]
+        if missing:
+            raise DataError(f"{export_dir}: exported without its vocabularies (assets.extra/{missing[0]}.vocab); export it again from its run directory")
+        tokenizers = [WordTokenizer(lowercase=config.tokenization.lowercase) for _ in range(2)]
+        vocabs = [Vocabulary.load(extra / f"{side}.vocab") for side in ("source", "target")]
+    run = TranslationRun(export_dir, config, *tokenizers, *vocabs)
+    saved = _weights(tf.saved_model.load(str(export_dir)).model_variables)
+    model = run.build_model()
+    if any(variable.dtype == tf.int8 for variable in saved):
+        from seq2seq.model import quantize_weights
+
+        quantize_weights(model)
+    variables = _weights(model.variables)
+    if len(saved) != len(variables):
+        raise DataError(f"{export_dir}: {len(saved)} weights, but its config builds a model with {len(variables)}")
+    for variable, value in zip(variables, saved):
+        if tuple(variable.shape) != tuple(value.shape) or variable.dtype != value.dtype.name:
+            raise DataError(
+                f"{export_dir}: weight {variable.path} is {value.dtype.name}{list(value.shape)} in the export, "
+                f"{variable.dtype}{list(variable.shape)} in the model its config builds"
+            )
+        variable.assign(value)
+    return run, model
+
+
+def _weights(variables):
+    """The variables that hold weights: random-generator states (of dropout layers, which
+    differ between versions and do nothing at inference) left out."""
+    return [variable for variable in variables if "seed_generator_state" not in variable.name]
+
+
+def _sentencepiece_models_in_graph(export_dir):
+    """{"source": bytes, "target": bytes}: the SentencePiece models in a SavedModel's graph,
+    found through its object graph (root.source_tokenizer._tokenizer._model_resource)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((Path(export_dir) / "saved_model.pb").read_bytes())
+    graph = saved_model.meta_graphs[0]
+    nodes = graph.object_graph_def.nodes
+    functions = {function.signature.name: function for function in graph.graph_def.library.function}
+
+    def child(node_id, name):
+        for reference in nodes[node_id].children:
+            if reference.local_name == name:
+                return reference.node_id
+        raise DataError(f"{export_dir}: no SentencePiece model found in the graph (missing {name!r})")
+
+    models = {}
+    for side in ("source", "target"):
+        resource = child(child(child(0, f"{side}_tokenizer"), "_tokenizer"), "_model_resource")
+        creator = nodes[child(resource, "_create_resource")].function.concrete_functions[0]
+        found = [node.attr["model"].s for node in functions[creator].node_def if node.op == "SentencepieceOp"]
+        if not found:
+            raise DataError(f"{export_dir}: no SentencePiece model found in the graph of the {side} tokenizer")
+        models[side] = found[0]
+    return models
 
 
 def corpus_scores(hypotheses, references):

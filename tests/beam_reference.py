@@ -1,0 +1,87 @@
+"""The beam search as it was before the fixed-shape rewrite (full-vocabulary top-k, ids and
+attention history rebuilt by concatenation every step): the reference that the faster
+`seq2seq.decoding.beam_search` must match exactly."""
+
+import tensorflow as tf
+
+from seq2seq.decoding import DecodingResult, _any_shape, _fill_after_end, _log_softmax, _max_lengths, gather_beams, sequence_score, tile_beams
+
+
+def reference_beam_search(
+    step_fn, initial_state, context, batch_size, start_id, end_id, max_length,
+    beam_size=4, length_penalty=0.0, length_normalize=False, n_best=1,
+):
+    """Batched beam search with finished hypotheses kept and frozen.
+
+    At each step the `beam_size` best continuations of every row are kept among all
+    beam * vocab candidates, ranked by `sequence_score`. A hypothesis that emits the end
+    token stays in the beam with a frozen score, so the search ends when every beam of
+    every row has finished or reached its maximum length. Returns the `n_best` hypotheses
+    of each row, best first. beam_size, n_best and length_penalty may be scalar tensors, so
+    one exported graph serves any beam size.
+    """
+    if isinstance(beam_size, int) and beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    if isinstance(beam_size, int) and isinstance(n_best, int) and not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
+    if length_normalize and not (isinstance(length_penalty, (int, float)) and length_penalty == 0):
+        raise ValueError("use either length_penalty or length_normalize, not both")
+    k = beam_size
+    max_lengths = tf.repeat(_max_lengths(max_length, batch_size)[:, None], k, axis=1)  # [batch, beam]
+    limit = tf.reduce_max(max_lengths)
+    state = tile_beams(initial_state, k)
+    context = tile_beams(context, k)
+    tokens = tf.fill([batch_size * k], tf.cast(start_id, tf.int32))
+    # Only the first beam of each row is live at the start; the others are copies at -inf.
+    log_probs = tf.tile(tf.concat([[0.0], tf.fill([k - 1], -float("inf"))], 0)[None], [batch_size, 1])
+    finished = max_lengths <= 0
+    lengths = tf.zeros([batch_size, k], tf.int32)
+    ended = tf.zeros([batch_size, k], tf.bool)
+    ids = tf.zeros([batch_size, k, 0], tf.int32)
+    attention = tf.zeros([batch_size, k, 0, 0], tf.float32)
+    row_offsets = tf.range(batch_size)[:, None] * k  # [batch, 1]
+
+    def body(t, tokens, state, log_probs, finished, lengths, ended, ids, attention):
+        logits, state, step_attention = step_fn(tokens, state, context)
+        vocab_size = tf.shape(logits)[-1]
+        token_log_probs = tf.reshape(_log_softmax(logits), [batch_size, k, vocab_size])
+        # A finished beam may only continue with the end token, at no cost: its score is frozen.
+        frozen = tf.where(tf.equal(tf.range(vocab_size), end_id), 0.0, -float("inf"))
+        token_log_probs = tf.where(finished[:, :, None], frozen, token_log_probs)
+        totals = log_probs[:, :, None] + token_log_probs  # [batch, beam, vocab]
+        new_lengths = lengths + tf.cast(~finished, tf.int32)
+        scores = sequence_score(totals, new_lengths[:, :, None], length_penalty, length_normalize)
+        _, best = tf.math.top_k(tf.reshape(scores, [batch_size, k * vocab_size]), k=k)  # [batch, beam]
+        beams = best // vocab_size
+        tokens = best % vocab_size
+        log_probs = tf.gather(tf.reshape(totals, [batch_size, -1]), best, batch_dims=1)
+        was_finished = tf.gather(finished, beams, batch_dims=1)
+        lengths = tf.gather(new_lengths, beams, batch_dims=1)
+        ended = tf.gather(ended, beams, batch_dims=1) | (~was_finished & tf.equal(tokens, end_id))
+        finished = was_finished | tf.equal(tokens, end_id) | (lengths >= max_lengths)
+        ids = tf.concat([tf.gather(ids, beams, batch_dims=1), tokens[:, :, None]], axis=2)
+        step_attention = tf.reshape(tf.cast(step_attention, tf.float32), [batch_size, k, -1])
+        step_attention = tf.where(was_finished[:, :, None], 0.0, tf.gather(step_attention, beams, batch_dims=1))
+        previous = tf.gather(attention, beams, batch_dims=1)
+        previous = tf.pad(previous, [[0, 0], [0, 0], [0, 0], [0, tf.shape(step_attention)[-1] - tf.shape(previous)[-1]]])
+        attention = tf.concat([previous, step_attention[:, :, None, :]], axis=2)
+        state = gather_beams(state, tf.reshape(beams + row_offsets, [-1]))
+        return t + 1, tf.reshape(tokens, [-1]), state, log_probs, finished, lengths, ended, ids, attention
+
+    loop_vars = (tf.constant(0), tokens, state, log_probs, finished, lengths, ended, ids, attention)
+    _, _, _, log_probs, _, lengths, ended, ids, attention = tf.while_loop(
+        lambda t, tokens, state, log_probs, finished, *_: (t < limit) & ~tf.reduce_all(finished),
+        body,
+        loop_vars,
+        shape_invariants=_any_shape(loop_vars),
+    )
+    scores = sequence_score(log_probs, lengths, length_penalty, length_normalize)
+    scores, order = tf.math.top_k(scores, k=n_best)  # best first
+    lengths = tf.gather(lengths - tf.cast(ended, tf.int32), order, batch_dims=1)
+    return DecodingResult(
+        ids=_fill_after_end(tf.gather(ids, order, batch_dims=1), lengths, end_id),
+        lengths=lengths,
+        scores=scores,
+        log_probs=tf.gather(log_probs, order, batch_dims=1),
+        attention=tf.gather(attention, order, batch_dims=1),
+    )
