@@ -567,3 +567,58 @@ def test_rnn_model_rejects_unknown_search(rnn_model):
     model, sources = rnn_model
     with pytest.raises(ValueError, match="search must be one of"):
         model.generate(sources, search="nucleus")
+
+
+# The fixed-shape beam search against the implementation it replaced ----------------------------
+
+
+@pytest.mark.parametrize("beam_size", [1, 2, 3, 4, 5])
+def test_beam_search_returns_the_ids_and_scores_of_the_previous_implementation(rnn_model, beam_size):
+    from beam_reference import reference_beam_search
+    from seq2seq.transformer import build_transformer_model
+
+    keras.utils.set_random_seed(1)
+    transformer = build_transformer_model(20, 16, num_layers=2, units=16, num_heads=2, ffn_dim=32, dropout=0.0)
+    rnn, sources = rnn_model
+    options = {"beam_size": beam_size, "n_best": beam_size, "length_penalty": 0.6}
+    lengths = []
+    for model in (rnn, transformer):
+        context, state = model.encode(sources)
+        args = (model.decoder.step, state, context, len(sources), model.start_id, model.end_id, 12)
+        new, old = beam_search(*args, **options), reference_beam_search(*args, **options)
+        np.testing.assert_array_equal(new.ids, old.ids)
+        np.testing.assert_array_equal(new.lengths, old.lengths)
+        np.testing.assert_allclose(new.scores, old.scores, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(new.log_probs, old.log_probs, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(new.attention, old.attention, rtol=0, atol=1e-7)
+        lengths.extend(new.lengths.numpy().ravel())
+    # Some hypotheses ended before max_length and some did not, so both paths were taken.
+    assert min(lengths) < 12 and max(lengths) == 12
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_search_equals_previous_implementation_on_fake_tables(seed):
+    from beam_reference import reference_beam_search
+
+    model = FakeModel.random(rows=3, steps=8, vocab=4, seed=seed)
+    for beam_size in (1, 2, 3, 4):
+        options = {"beam_size": beam_size, "n_best": min(2, beam_size), "length_penalty": 0.6}
+        new = beam_search(*model.args(max_length=8), **options)
+        old = reference_beam_search(*model.args(max_length=8), **options)
+        np.testing.assert_array_equal(new.ids, old.ids)
+        np.testing.assert_allclose(new.scores, old.scores, rtol=0, atol=1e-6)
+
+
+def test_top_k_rows_is_exact_with_ties_and_any_vocabulary_size():
+    from seq2seq.decoding import top_k_rows
+
+    rng = np.random.default_rng(0)
+    for vocab in (3, 127, 128, 129, 1000, 8001):
+        # Few distinct values, so that ties are everywhere, also across the 128-entry blocks.
+        values = tf.constant(rng.integers(0, 7, size=(6, vocab)).astype(np.float32))
+        for k in sorted({1, 2, min(5, vocab)}):
+            top, indices, row_max = top_k_rows(values, k)
+            expected = tf.math.top_k(values, k=k)
+            np.testing.assert_array_equal(top, expected.values)
+            np.testing.assert_array_equal(indices, expected.indices)
+            np.testing.assert_array_equal(row_max, tf.reduce_max(values, axis=-1))
