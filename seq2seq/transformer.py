@@ -212,7 +212,7 @@ class TransformerEncoder(keras.layers.Layer):
         if self.vocab_size:
             if mask is None:
                 mask = ops.not_equal(inputs, 0)
-            x = self.embedding(inputs) * ops.cast(math.sqrt(self.units), self.compute_dtype)
+            x = ops.cast(self.embedding(inputs), self.compute_dtype) * ops.cast(math.sqrt(self.units), self.compute_dtype)
         else:
             x = self.input_projection(inputs)
             if mask is None:
@@ -374,7 +374,7 @@ class TransformerDecoder(keras.layers.Layer):
         time = tf.shape(tokens)[1]
         past = tf.shape(state["cache"][0]["key"])[2]
         positions = state["step"][:, None] + tf.range(time)[None, :]  # [batch, time]
-        x = self.embedding(tokens) * ops.cast(math.sqrt(self.units), self.compute_dtype)
+        x = ops.cast(self.embedding(tokens), self.compute_dtype) * ops.cast(math.sqrt(self.units), self.compute_dtype)
         x = self.dropout_layer(x + self.position_embedding(positions), training=training)
         # Query i (absolute position past + i) sees keys 0 .. past + i: [1, time, past + time].
         causal = (tf.range(past + time)[None, :] <= past + tf.range(time)[:, None])[None]

@@ -13,15 +13,14 @@ SHIPPED_MODEL = PROJECT_ROOT / "saved_models" / "multi30k_en_de"
 
 def resolve_model(path):
     """A translate function from a SavedModel dir, a TF Serving model dir (highest version) or a run dir."""
-    import tensorflow as tf
     import tensorflow_text  # noqa: F401  (registers the SentencePiece op used by subword exports)
-
-    from tasks.translation.pipeline import TranslationRun
 
     path = cli.model_path(path)
     if (path / "saved_model.pb").is_file():
-        return tf.saved_model.load(str(path))
+        return cli.load_saved_model(path)
     if (path / "config.yaml").is_file():
+        from tasks.translation.pipeline import TranslationRun
+
         run = TranslationRun.load(path)
         return run.translator(run.load_model(), replace_unknown=False)
     raise cli.CommandError(f"{path}: neither a SavedModel nor a run directory")
@@ -76,7 +75,7 @@ def print_translation(result, n_best, flush=False):
 
 def translate_interactively(args, translator):
     """A terminal on stdin: every line is translated as soon as it is entered."""
-    from tasks.translation.pipeline import translate_lines
+    from tasks.translation.inference import translate_lines
 
     for number, raw in enumerate(sys.stdin.buffer, start=1):
         line = cli.decode_lines([raw], "<stdin>", first_line=number)[0]
@@ -86,7 +85,7 @@ def translate_interactively(args, translator):
 
 
 def command_translate(args):
-    from tasks.translation.pipeline import translate_lines
+    from tasks.translation.inference import translate_lines
 
     check_search_flags(args)
     # (With --plot-alignment, stdin is read to the end first: the plot is of the first sentence.)
@@ -111,7 +110,8 @@ def command_translate(args):
 
 
 def command_evaluate(args):
-    from tasks.translation.pipeline import corpus_scores, translate_lines
+    from tasks.translation.inference import translate_lines
+    from tasks.translation.pipeline import corpus_scores
 
     references = cli.read_input_lines(args.references)
     if args.hypotheses:

@@ -12,7 +12,6 @@ Under `training.distribution` (seq2seq.distribute) only the chief worker writes 
 directory; the other workers read it, so it must be on storage every worker sees.
 """
 
-import sys
 from pathlib import Path
 
 import keras
@@ -29,14 +28,11 @@ from seq2seq.training import Trainer, average_checkpoints, restore_model_weights
 from seq2seq.transformer import build_transformer_model
 from tasks.translation import data
 from tasks.translation.config import TranslationConfig
+from tasks.translation.inference import log, translate_lines  # noqa: F401  (translate_lines: part of this module's API)
 from tasks.translation.subword import SentencePieceTokenizer, sentencepiece_vocabulary, train_sentencepiece
 from tasks.translation.translator import Translator
 
 ENCODE_CHUNK = 4096
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 def read_pairs(config, split):
@@ -246,36 +242,6 @@ class BleuCallback(keras.callbacks.Callback):
         if logs is not None:
             logs["val_bleu"] = bleu
         log(f"validation BLEU (greedy): {bleu:.2f}")
-
-
-def translate_lines(translate_fn, lines, beam_size=5, n_best=1, length_penalty=0.6, batch_size=64, outputs=None):
-    """Translations of `lines` (one per line, always), batched and sorted by length for speed.
-
-    `translate_fn` is a Translator or a loaded SavedModel (both have `translate`). With
-    `outputs`, every raw output dict is appended to it in input order, one per line.
-    """
-    order = sorted(range(len(lines)), key=lambda i: len(lines[i]))
-    results = [None] * len(lines)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        out = translate_fn.translate(
-            tf.constant([lines[i] for i in indices]),
-            tf.constant(beam_size),
-            tf.constant(n_best),
-            tf.constant(length_penalty, tf.float32),
-        )
-        translations = out["nbest_translations"].numpy()
-        truncated = out["source_truncated"].numpy()
-        for row, i in enumerate(indices):
-            if truncated[row]:
-                log(f"warning: line {i + 1} is longer than the maximum source length and was truncated")
-            hyps = [t.decode("utf-8") for t in translations[row]]
-            results[i] = hyps[0] if n_best == 1 else hyps
-            if outputs is not None:
-                outputs.append((i, {key: value[row] for key, value in out.items()}))
-    if outputs is not None:
-        outputs.sort(key=lambda pair: pair[0])
-    return results
 
 
 def train(config, validation_bleu=True, callbacks=()):
