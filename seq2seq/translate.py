@@ -139,8 +139,17 @@ def command_export(args):
     from tasks.translation.pipeline import TranslationRun, export
 
     check_search_flags(args)
-    run = TranslationRun.load(args.run_dir)
-    model = run.load_model(weights=args.weights, average_last=args.average_last)
+    if bool(args.run_dir) == bool(args.from_model):
+        raise cli.CommandError("give either --run-dir (a training run) or --from-model (a SavedModel to export again)")
+    if args.from_model:
+        from tasks.translation.pipeline import load_export
+
+        if args.average_last or args.weights != "best" or args.quantize != "none":
+            raise cli.CommandError("--from-model keeps the export's weights as they are: drop --average-last, --weights and --quantize")
+        run, model = load_export(cli.model_path(args.from_model))
+    else:
+        run = TranslationRun.load(args.run_dir)
+        model = run.load_model(weights=args.weights, average_last=args.average_last)
     if args.quantize == "int8":
         from seq2seq.model import quantize_weights
 
@@ -199,7 +208,10 @@ def build_parser():
     export = commands.add_parser("export", help="write a SavedModel for TF Serving",
                                  description="Export a run as a SavedModel in TF Serving's <model>/<version>/ layout. "
                                  "serving_default: texts -> translations, scores (beam search in the graph).")
-    export.add_argument("--run-dir", required=True, help="the training run to export")
+    export.add_argument("--run-dir", help="the training run to export")
+    export.add_argument("--from-model", metavar="SAVEDMODEL",
+                        help="instead of a run: a SavedModel this toolkit exported, written again with the current "
+                             "(faster) graph; same weights, int8 stays int8")
     export.add_argument("--output", default=str(SHIPPED_MODEL.parent / "translation"), help="model dir; the version folder goes inside")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--beam-size", type=int, default=5, help="beam width of serving_default (default: 5)")

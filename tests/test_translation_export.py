@@ -226,3 +226,49 @@ def test_int8_export_is_smaller_servable_and_scores_close_to_float(word_model, w
     int8_scores = quantized(texts=tf.constant(SAMPLE_SENTENCES))["scores"]
     # Per-channel int8 weights change the log-probabilities by far less than a token's worth.
     np.testing.assert_allclose(int8_scores.numpy(), float_scores.numpy(), atol=0.05)
+
+
+def test_export_from_model_writes_the_same_weights_and_translations_again(word_model, sentencepiece_model, tmp_path):
+    """`export --from-model` rebuilds run and model from a SavedModel (the shipped models are
+    re-exported this way when the graph gets faster): the same variables, the same outputs."""
+    import shutil
+
+    from conftest import cli
+
+    def translations(export_dir):
+        out = tf.saved_model.load(str(export_dir)).signatures["serving_default"](texts=tf.constant(SAMPLE_SENTENCES))
+        return decode(out["translations"]), out["scores"].numpy().tolist()
+
+    def variables(export_dir):
+        reader = tf.train.load_checkpoint(str(Path(export_dir) / "variables" / "variables"))
+        return {name: reader.get_tensor(name) for name in reader.get_variable_to_dtype_map() if "model_variables" in name}
+
+    run_dir = sentencepiece_model[0]
+    assert cli("export", "--run-dir", run_dir, "--output", tmp_path / "int8", "--version", 1, "--quantize", "int8") == 0
+    original = tmp_path / "int8" / "1"
+    # An export from before exports carried their SentencePiece models: they are read from the graph.
+    for name in ("source.spm", "target.spm", "source.vocab", "target.vocab"):
+        (original / "assets.extra" / name).unlink()
+    shutil.copytree(original, tmp_path / "old")
+    assert cli("export", "--from-model", tmp_path / "old", "--output", tmp_path / "again", "--version", 1) == 0
+    again = tmp_path / "again" / "1"
+    before, after = variables(original), variables(again)
+    assert before.keys() == after.keys() and any(value.dtype == np.int8 for value in after.values())
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value)
+    assert (again / "assets.extra" / "source.spm").is_file()
+    assert translations(again) == translations(original)
+    # A word-level float export too (its vocabularies travel in assets.extra).
+    assert cli("export", "--from-model", word_model[1], "--output", tmp_path / "word", "--version", 1) == 0
+    assert translations(tmp_path / "word" / "1") == translations(word_model[1])
+
+
+def test_export_from_model_refuses_what_it_cannot_keep(word_model, tmp_path, capsys):
+    from conftest import cli
+
+    assert cli("export", "--output", tmp_path) == 2
+    assert "give either --run-dir" in capsys.readouterr().err
+    assert cli("export", "--from-model", word_model[1], "--quantize", "int8", "--output", tmp_path) == 2
+    assert "--from-model keeps the export's weights" in capsys.readouterr().err
+    assert cli("export", "--from-model", tmp_path, "--output", tmp_path / "x") == 2
+    assert "not a translation SavedModel exported by seq2seq" in capsys.readouterr().err
