@@ -6,12 +6,15 @@ Every decoder in this project offers the same step contract:
 
 token_ids [batch] int32; state and context are nested structures (dicts, tuples) of tensors
 whose first axis is the batch; logits [batch, vocab]; attention [batch, src_len]. The
-searches know nothing else about the decoder: they tile `context` once per beam, and tile
-and reorder `state` with `tf.nest`, whatever it holds (RNN states, a key/value cache).
+searches know nothing else about the decoder: they tile `context` once per beam, and tile,
+reorder and drop rows of `state` and `context` with `tf.nest`, whatever they hold (RNN
+states, a key/value cache); the batch a step sees may therefore shrink from step to step.
 
 All loops are `tf.while_loop`s, so the searches trace into a `tf.function` and export in
 a SavedModel. Rows that have produced the end token are frozen: they emit the end token,
-their score no longer changes, and their attention is zero.
+their score no longer changes, and their attention is zero. Sentences whose hypotheses
+have all finished leave the batch (`_leaving`), so no step computes them; the outputs
+are the same as if they had stayed.
 """
 
 from typing import NamedTuple
@@ -126,41 +129,83 @@ def _fill_after_end(ids, lengths, end_id):
     return tf.where(positions >= lengths[..., None], tf.cast(end_id, ids.dtype), ids)
 
 
+def _keep_rows(keep, *row_tensors):
+    """Rows `keep` [kept] (sentence indices) of tensors [rows, ...] (nested structures too)."""
+    return tuple(tf.nest.map_structure(lambda x: tf.gather(x, keep, axis=0), tensor) for tensor in row_tensors)
+
+
+def _beam_rows(keep, beam_size):
+    """The flat [rows * beam] indices of sentences `keep`: their beams' rows in the state."""
+    return tf.reshape(keep[:, None] * beam_size + tf.range(beam_size)[None], [-1])
+
+
+def _leaving(done):
+    """Which sentences leave the batch this step: the `done` ones [rows], once they are at least
+    an eighth of the rows (each departure gathers the state and context, which costs about a step)."""
+    count = tf.reduce_sum(tf.cast(done, tf.int32))
+    return done & (count * 8 >= tf.size(done))
+
+
+def _scatter_rows(full, alive, values):
+    """`full` [batch, ...] with the rows `alive` [A] replaced by `values` [A, ...]."""
+    return tf.tensor_scatter_nd_update(full, alive[:, None], values)
+
+
 def _sequential_search(step_fn, initial_state, context, batch_size, start_id, end_id, max_length, choose):
     """The loop shared by greedy search and sampling; `choose(logits, step)` picks the tokens
-    from float32 logits [batch, vocab]."""
+    from float32 logits [batch, vocab].
+
+    Sentences that have finished leave the batch (their state and context rows are dropped),
+    so the steps only compute rows that are still decoding; what they emit afterwards (the
+    end token, zero attention) fills the full-size outputs."""
     max_lengths = _max_lengths(max_length, batch_size)
     limit = tf.reduce_max(max_lengths)
+    alive = tf.range(batch_size)
     tokens = tf.fill([batch_size], tf.cast(start_id, tf.int32))
     finished = max_lengths <= 0
-    log_probs = tf.zeros([batch_size], tf.float32)
-    lengths = tf.zeros([batch_size], tf.int32)
-    ended = tf.zeros([batch_size], tf.bool)
+    zeros = tf.zeros([batch_size], tf.float32), tf.zeros([batch_size], tf.int32), tf.zeros([batch_size], tf.bool)
     ids = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])
     attention = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[None, None])
 
-    def body(t, tokens, state, finished, log_probs, lengths, ended, ids, attention):
+    def body(t, alive, tokens, state, context, finished, row_max_lengths, row_totals, totals, ids, attention):
+        row_log_probs, row_lengths, row_ended = row_totals
         logits, state, step_attention = step_fn(tokens, state, context)
         logits = tf.cast(logits, tf.float32)
         tokens = tf.where(finished, end_id, tf.cast(choose(logits, t), tf.int32))
         chosen_logits = tf.gather(logits, tokens, batch_dims=1)[:, None]
-        chosen = log_probs_of(logits, chosen_logits, tf.reduce_max(logits, axis=-1))[:, 0]  # [batch]
-        log_probs += tf.where(finished, 0.0, chosen)
-        lengths += tf.cast(~finished, tf.int32)
+        chosen = log_probs_of(logits, chosen_logits, tf.reduce_max(logits, axis=-1))[:, 0]  # [alive]
+        row_log_probs += tf.where(finished, 0.0, chosen)
+        row_lengths += tf.cast(~finished, tf.int32)
         step_attention = tf.where(finished[:, None], 0.0, tf.cast(step_attention, tf.float32))
-        ended |= ~finished & tf.equal(tokens, end_id)
-        finished |= tf.equal(tokens, end_id) | (lengths >= max_lengths)
-        return t + 1, tokens, state, finished, log_probs, lengths, ended, ids.write(t, tokens), attention.write(t, step_attention)
+        row_ended |= ~finished & tf.equal(tokens, end_id)
+        finished |= tf.equal(tokens, end_id) | (row_lengths >= row_max_lengths)
+        row_totals = (row_log_probs, row_lengths, row_ended)
+        totals = tuple(_scatter_rows(full, alive, row) for full, row in zip(totals, row_totals))
+        ids = ids.write(t, _scatter_rows(tf.fill([batch_size], tf.cast(end_id, tf.int32)), alive, tokens))
+        full_attention = tf.zeros([batch_size, tf.shape(step_attention)[-1]], tf.float32)
+        attention = attention.write(t, _scatter_rows(full_attention, alive, step_attention))
+        leaving = _leaving(finished)
+        keep = tf.cast(tf.reshape(tf.where(~leaving), [-1]), tf.int32)
+        alive, tokens, finished, row_max_lengths, row_totals = _keep_rows(
+            keep, alive, tokens, finished, row_max_lengths, row_totals
+        )
+        state, context = tf.cond(
+            tf.reduce_any(leaving), lambda: _keep_rows(keep, state, context), lambda: (state, context)
+        )
+        return t + 1, alive, tokens, state, context, finished, row_max_lengths, row_totals, totals, ids, attention
 
-    loop_vars = (tf.constant(0), tokens, initial_state, finished, log_probs, lengths, ended, ids, attention)
-    _, _, _, _, log_probs, lengths, ended, ids, attention = tf.while_loop(
-        lambda t, tokens, state, finished, *_: (t < limit) & ~tf.reduce_all(finished),
+    loop_vars = (tf.constant(0), alive, tokens, initial_state, context, finished, max_lengths, zeros, zeros, ids, attention)
+    _, _, _, _, _, _, _, _, totals, ids, attention = tf.while_loop(
+        lambda t, alive, *_: (t < limit) & (tf.size(alive) > 0),
         body,
         loop_vars,
         shape_invariants=_any_shape(loop_vars),
     )
-    ids = tf.transpose(ids.stack(), [1, 0])  # [batch, time]
-    attention = tf.transpose(attention.stack(), [1, 0, 2])  # [batch, time, src_len]
+    log_probs, lengths, ended = totals
+    ids = tf.reshape(ids.stack(), [-1, batch_size])
+    ids = tf.transpose(ids, [1, 0])  # [batch, time]
+    attention = attention.stack()
+    attention = tf.transpose(tf.reshape(attention, [-1, batch_size, tf.shape(attention)[-1]]), [1, 0, 2])
     lengths -= tf.cast(ended, tf.int32)
     return DecodingResult(
         ids=_fill_after_end(ids, lengths, end_id)[:, None],
@@ -231,55 +276,78 @@ def beam_search(
     k = beam_size
     max_lengths = tf.repeat(_max_lengths(max_length, batch_size)[:, None], k, axis=1)  # [batch, beam]
     limit = tf.reduce_max(max_lengths)
+    alive = tf.range(batch_size)
     state = tile_beams(initial_state, k)
     context = tile_beams(context, k)
     tokens = tf.fill([batch_size * k], tf.cast(start_id, tf.int32))
     # Only the first beam of each row is live at the start; the others are copies at -inf.
     log_probs = tf.tile(tf.concat([[0.0], tf.fill([k - 1], -float("inf"))], 0)[None], [batch_size, 1])
     finished = max_lengths <= 0
-    lengths = tf.zeros([batch_size, k], tf.int32)
-    ended = tf.zeros([batch_size, k], tf.bool)
+    row_totals = (log_probs, tf.zeros([batch_size, k], tf.int32), tf.zeros([batch_size, k], tf.bool))
     chosen = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None, None])  # [batch, beam] a step
     parents = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None, None])
     attention = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[None, None, None])
-    row_offsets = tf.range(batch_size)[:, None] * k  # [batch, 1]
+    # What a sentence that has left the batch emits: the end token from the same beam, no attention.
+    retired_tokens = tf.fill([batch_size, k], tf.cast(end_id, tf.int32))
+    retired_parents = tf.tile(tf.range(k)[None], [batch_size, 1])
 
-    def body(t, tokens, state, log_probs, finished, lengths, ended, chosen, parents, attention):
+    def body(t, alive, tokens, state, context, finished, row_max_lengths, row_totals, totals, chosen, parents, attention):
+        row_log_probs, row_lengths, row_ended = row_totals
+        rows = tf.shape(alive)[0]
         logits, state, step_attention = step_fn(tokens, state, context)
         logits = tf.cast(logits, tf.float32)
         # A finished beam may only continue with the end token, at no cost: its score is frozen.
         per_beam = tf.minimum(k, tf.shape(logits)[-1])  # candidates a beam
-        top_logits, top_tokens, row_max = top_k_rows(logits, per_beam)  # [batch * beam, per_beam]
-        candidates = tf.reshape(log_probs_of(logits, top_logits, row_max), [batch_size, k, per_beam])
+        top_logits, top_tokens, row_max = top_k_rows(logits, per_beam)  # [rows * beam, per_beam]
+        candidates = tf.reshape(log_probs_of(logits, top_logits, row_max), [rows, k, per_beam])
         frozen = tf.where(tf.range(per_beam) == 0, 0.0, -float("inf"))
         candidates = tf.where(finished[:, :, None], frozen, candidates)
-        top_tokens = tf.where(finished[:, :, None], end_id, tf.reshape(top_tokens, [batch_size, k, per_beam]))
-        totals = log_probs[:, :, None] + candidates  # [batch, beam, per_beam]
-        new_lengths = lengths + tf.cast(~finished, tf.int32)
-        scores = sequence_score(totals, new_lengths[:, :, None], length_penalty, length_normalize)
-        _, best = tf.math.top_k(tf.reshape(scores, [batch_size, k * per_beam]), k=k)  # [batch, beam]
+        top_tokens = tf.where(finished[:, :, None], end_id, tf.reshape(top_tokens, [rows, k, per_beam]))
+        totals_now = row_log_probs[:, :, None] + candidates  # [rows, beam, per_beam]
+        new_lengths = row_lengths + tf.cast(~finished, tf.int32)
+        scores = sequence_score(totals_now, new_lengths[:, :, None], length_penalty, length_normalize)
+        _, best = tf.math.top_k(tf.reshape(scores, [rows, k * per_beam]), k=k)  # [rows, beam]
         beams = best // per_beam
-        tokens = tf.gather(tf.reshape(top_tokens, [batch_size, k * per_beam]), best, batch_dims=1)
-        log_probs = tf.gather(tf.reshape(totals, [batch_size, k * per_beam]), best, batch_dims=1)
+        tokens = tf.gather(tf.reshape(top_tokens, [rows, k * per_beam]), best, batch_dims=1)
+        row_log_probs = tf.gather(tf.reshape(totals_now, [rows, k * per_beam]), best, batch_dims=1)
         was_finished = tf.gather(finished, beams, batch_dims=1)
-        lengths = tf.gather(new_lengths, beams, batch_dims=1)
-        ended = tf.gather(ended, beams, batch_dims=1) | (~was_finished & tf.equal(tokens, end_id))
-        finished = was_finished | tf.equal(tokens, end_id) | (lengths >= max_lengths)
-        step_attention = tf.reshape(tf.cast(step_attention, tf.float32), [batch_size, k, -1])
+        row_lengths = tf.gather(new_lengths, beams, batch_dims=1)
+        row_ended = tf.gather(row_ended, beams, batch_dims=1) | (~was_finished & tf.equal(tokens, end_id))
+        finished = was_finished | tf.equal(tokens, end_id) | (row_lengths >= row_max_lengths)
+        step_attention = tf.reshape(tf.cast(step_attention, tf.float32), [rows, k, -1])
         step_attention = tf.where(was_finished[:, :, None], 0.0, tf.gather(step_attention, beams, batch_dims=1))
-        state = gather_beams(state, tf.reshape(beams + row_offsets, [-1]))
+        row_totals = (row_log_probs, row_lengths, row_ended)
+        totals = tuple(_scatter_rows(full, alive, row) for full, row in zip(totals, row_totals))
+        chosen = chosen.write(t, _scatter_rows(retired_tokens, alive, tokens))
+        parents = parents.write(t, _scatter_rows(retired_parents, alive, beams))
+        full_attention = tf.zeros([batch_size, k, tf.shape(step_attention)[-1]], tf.float32)
+        attention = attention.write(t, _scatter_rows(full_attention, alive, step_attention))
+        # Sentences whose beams have all finished leave the batch; the others' beams are reordered.
+        leaving = _leaving(tf.reduce_all(finished, axis=1))
+        keep = tf.cast(tf.reshape(tf.where(~leaving), [-1]), tf.int32)
+        state = gather_beams(state, tf.reshape(tf.gather(beams + tf.range(rows)[:, None] * k, keep), [-1]))
+        context = tf.cond(
+            tf.reduce_any(leaving), lambda: gather_beams(context, _beam_rows(keep, k)), lambda: context
+        )
+        alive, tokens, finished, row_max_lengths, row_totals = _keep_rows(
+            keep, alive, tf.reshape(tokens, [rows, k]), finished, row_max_lengths, row_totals
+        )
         return (
-            t + 1, tf.reshape(tokens, [-1]), state, log_probs, finished, lengths, ended,
-            chosen.write(t, tokens), parents.write(t, beams), attention.write(t, step_attention),
+            t + 1, alive, tf.reshape(tokens, [-1]), state, context, finished, row_max_lengths, row_totals, totals,
+            chosen, parents, attention,
         )
 
-    loop_vars = (tf.constant(0), tokens, state, log_probs, finished, lengths, ended, chosen, parents, attention)
-    _, _, _, log_probs, _, lengths, ended, chosen, parents, attention = tf.while_loop(
-        lambda t, tokens, state, log_probs, finished, *_: (t < limit) & ~tf.reduce_all(finished),
+    loop_vars = (
+        tf.constant(0), alive, tokens, state, context, finished, max_lengths, row_totals, row_totals,
+        chosen, parents, attention,
+    )
+    _, _, _, _, _, _, _, _, totals, chosen, parents, attention = tf.while_loop(
+        lambda t, alive, *_: (t < limit) & (tf.size(alive) > 0),
         body,
         loop_vars,
         shape_invariants=_any_shape(loop_vars),
     )
+    log_probs, lengths, ended = totals
     scores = sequence_score(log_probs, lengths, length_penalty, length_normalize)
     scores, order = tf.math.top_k(scores, k=n_best)  # best first
     ids, attention = _backtrack(chosen, parents, attention, order)

@@ -116,8 +116,8 @@ def attend(attention, x, key, value, mask, dropout, training):
     [batch, time, units] and the weights [batch, heads, time, keys] in float32 (exactly
     zero where masked). The encoder and the decoder both attend with it.
     """
-    head_dim = key.shape[-1]
-    query = heads_first(attention.query_dense(x) * ops.cast(1.0 / math.sqrt(head_dim), x.dtype))
+    query = attention.query_dense(x)  # [batch, time, heads, head_dim]: head_dim static even where key's is not
+    query = heads_first(query * ops.cast(1.0 / math.sqrt(query.shape[-1]), x.dtype))
     scores = tf.cast(tf.matmul(query, tf.cast(key, query.dtype), transpose_b=True), tf.float32)
     scores = tf.where(mask[:, None], scores, _MASKED)  # [batch, heads, time, keys]
     weights = tf.nn.softmax(scores, axis=-1)

@@ -622,3 +622,37 @@ def test_top_k_rows_is_exact_with_ties_and_any_vocabulary_size():
             np.testing.assert_array_equal(top, expected.values)
             np.testing.assert_array_equal(indices, expected.indices)
             np.testing.assert_array_equal(row_max, tf.reduce_max(values, axis=-1))
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_finished_sentences_leave_the_batch_without_changing_results(search):
+    """A sentence whose hypotheses have all ended is no longer computed: the step function sees
+    fewer rows, and the outputs stay those of the same search on that sentence alone."""
+    logits = np.random.default_rng(5).normal(size=(3, 12, 4, 4, 4))
+    logits[..., END] = -1e4
+    logits[1, :, :, :, END] = 1e4  # row 1 ends at once; rows 0 and 2 never end
+    model = FakeModel(logits)
+    rows_seen = []
+
+    def step(tokens, state, context):
+        rows_seen.append(int(tf.shape(tokens)[0]))
+        return model.step(tokens, state, context)
+
+    options = {"beam_size": 2, "n_best": 2} if search == "beam" else {}
+    run = beam_search if search == "beam" else greedy_search
+    _, state, context, batch, start, end, _ = model.args(6)
+    result = run(step, state, context, batch, start, end, 6, **options)
+    if search == "greedy":
+        assert rows_seen == [3] + [2] * 5
+    else:  # row 1's second hypothesis (not the end token at step 0) ends at step 1
+        assert rows_seen == [6, 6] + [4] * 4
+    assert result.ids.shape[:2] == (3, options.get("n_best", 1))
+    # Row 1's best hypothesis is the end token at once; nothing after that step.
+    assert result.lengths[1][0] == 0
+    np.testing.assert_array_equal(result.ids[1][0], END)
+    np.testing.assert_array_equal(result.attention[1][0][1:], 0.0)
+    for row in (0, 2):
+        alone = FakeModel(logits[row : row + 1])
+        reference = run(*alone.args(6), **options)
+        np.testing.assert_array_equal(result.ids[row], reference.ids[0])
+        np.testing.assert_allclose(result.scores[row], reference.scores[0], atol=1e-6)
