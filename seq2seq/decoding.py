@@ -248,6 +248,17 @@ def sampling_search(
     return _sequential_search(step_fn, initial_state, context, batch_size, start_id, end_id, max_length, choose)
 
 
+def initial_beams(initial_state, context, batch_size, start_id, max_length, beam_size):
+    """What a beam search starts from: max_lengths [batch, beam], the state and context tiled
+    per beam, the start tokens [batch * beam] and log-probabilities [batch, beam] (only the
+    first beam of each row is live; the others are copies at -inf)."""
+    max_lengths = tf.repeat(_max_lengths(max_length, batch_size)[:, None], beam_size, axis=1)
+    tokens = tf.fill([batch_size * beam_size], tf.cast(start_id, tf.int32))
+    first = tf.concat([[0.0], tf.fill([beam_size - 1], -float("inf"))], 0)
+    log_probs = tf.tile(first[None], [batch_size, 1])
+    return max_lengths, tile_beams(initial_state, beam_size), tile_beams(context, beam_size), tokens, log_probs
+
+
 def beam_search(
     step_fn, initial_state, context, batch_size, start_id, end_id, max_length,
     beam_size=4, length_penalty=0.0, length_normalize=False, n_best=1,
@@ -274,14 +285,11 @@ def beam_search(
     if length_normalize and not (isinstance(length_penalty, (int, float)) and length_penalty == 0):
         raise ValueError("use either length_penalty or length_normalize, not both")
     k = beam_size
-    max_lengths = tf.repeat(_max_lengths(max_length, batch_size)[:, None], k, axis=1)  # [batch, beam]
+    max_lengths, state, context, tokens, log_probs = initial_beams(
+        initial_state, context, batch_size, start_id, max_length, k
+    )
     limit = tf.reduce_max(max_lengths)
     alive = tf.range(batch_size)
-    state = tile_beams(initial_state, k)
-    context = tile_beams(context, k)
-    tokens = tf.fill([batch_size * k], tf.cast(start_id, tf.int32))
-    # Only the first beam of each row is live at the start; the others are copies at -inf.
-    log_probs = tf.tile(tf.concat([[0.0], tf.fill([k - 1], -float("inf"))], 0)[None], [batch_size, 1])
     finished = max_lengths <= 0
     row_totals = (log_probs, tf.zeros([batch_size, k], tf.int32), tf.zeros([batch_size, k], tf.bool))
     chosen = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None, None])  # [batch, beam] a step

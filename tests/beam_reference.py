@@ -4,36 +4,21 @@ attention history rebuilt by concatenation every step): the reference that the f
 
 import tensorflow as tf
 
-from seq2seq.decoding import DecodingResult, _any_shape, _fill_after_end, _log_softmax, _max_lengths, gather_beams, sequence_score, tile_beams
+from seq2seq.decoding import (
+    DecodingResult, _any_shape, _fill_after_end, _log_softmax, gather_beams, initial_beams, sequence_score,
+)
 
 
 def reference_beam_search(
     step_fn, initial_state, context, batch_size, start_id, end_id, max_length,
     beam_size=4, length_penalty=0.0, length_normalize=False, n_best=1,
 ):
-    """Batched beam search with finished hypotheses kept and frozen.
-
-    At each step the `beam_size` best continuations of every row are kept among all
-    beam * vocab candidates, ranked by `sequence_score`. A hypothesis that emits the end
-    token stays in the beam with a frozen score, so the search ends when every beam of
-    every row has finished or reached its maximum length. Returns the `n_best` hypotheses
-    of each row, best first. beam_size, n_best and length_penalty may be scalar tensors, so
-    one exported graph serves any beam size.
-    """
-    if isinstance(beam_size, int) and beam_size < 1:
-        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
-    if isinstance(beam_size, int) and isinstance(n_best, int) and not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
-    if length_normalize and not (isinstance(length_penalty, (int, float)) and length_penalty == 0):
-        raise ValueError("use either length_penalty or length_normalize, not both")
+    """The previous beam search (arguments are assumed valid)."""
     k = beam_size
-    max_lengths = tf.repeat(_max_lengths(max_length, batch_size)[:, None], k, axis=1)  # [batch, beam]
+    max_lengths, state, context, tokens, log_probs = initial_beams(
+        initial_state, context, batch_size, start_id, max_length, k
+    )
     limit = tf.reduce_max(max_lengths)
-    state = tile_beams(initial_state, k)
-    context = tile_beams(context, k)
-    tokens = tf.fill([batch_size * k], tf.cast(start_id, tf.int32))
-    # Only the first beam of each row is live at the start; the others are copies at -inf.
-    log_probs = tf.tile(tf.concat([[0.0], tf.fill([k - 1], -float("inf"))], 0)[None], [batch_size, 1])
     finished = max_lengths <= 0
     lengths = tf.zeros([batch_size, k], tf.int32)
     ended = tf.zeros([batch_size, k], tf.bool)
