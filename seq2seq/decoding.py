@@ -141,7 +141,8 @@ def _beam_rows(keep, beam_size):
 
 def _leaving(done):
     """Which sentences leave the batch this step: the `done` ones [rows], once they are at least
-    an eighth of the rows (each departure gathers the state and context, which costs about a step)."""
+    an eighth of the rows, so that the state and context are not gathered at every step
+    (1/4, 1/8 and 1/16 measured alike on the shipped Transformer)."""
     count = tf.reduce_sum(tf.cast(done, tf.int32))
     return done & (count * 8 >= tf.size(done))
 
