@@ -22,7 +22,7 @@ def resolve_model(path, weights="best"):
     if weights != "best" and not (path / "config.yaml").is_file():
         raise cli.CommandError("--weights needs --model to be a run directory")
     if (path / "saved_model.pb").is_file():
-        model = cli.load_saved_model(path)
+        model = tf.saved_model.load(str(path))
         if not hasattr(model, "caption") or not hasattr(model, "info"):
             raise cli.CommandError(f"{path}: not a captioning SavedModel (no caption function)")
         return model

@@ -94,17 +94,6 @@ def model_path(path):
     return found[-1][1] if found else path
 
 
-def load_saved_model(path):
-    """tf.saved_model.load for a command that answers from the model, with TensorFlow's
-    graph optimizer (grappler) off: it spends about 1.3 s on a Transformer's decoding graph
-    at the first call and, measured on the shipped models, makes the decoding no faster
-    (the oneDNN rewrites that matter run without it)."""
-    import tensorflow as tf
-
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    return tf.saved_model.load(str(path))
-
-
 def read_input_lines(path=None):
     """Lines of a file (or of stdin), decoded as UTF-8, with a clear error naming the bad line."""
     if path is None:

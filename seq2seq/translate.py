@@ -17,7 +17,9 @@ def resolve_model(path):
 
     path = cli.model_path(path)
     if (path / "saved_model.pb").is_file():
-        return cli.load_saved_model(path)
+        import tensorflow as tf
+
+        return tf.saved_model.load(str(path))
     if (path / "config.yaml").is_file():
         from tasks.translation.pipeline import TranslationRun
 
