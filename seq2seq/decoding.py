@@ -129,11 +129,6 @@ def _fill_after_end(ids, lengths, end_id):
     return tf.where(positions >= lengths[..., None], tf.cast(end_id, ids.dtype), ids)
 
 
-def _keep_rows(keep, *row_tensors):
-    """Rows `keep` [kept] (sentence indices) of tensors [rows, ...] (nested structures too)."""
-    return tuple(tf.nest.map_structure(lambda x: tf.gather(x, keep, axis=0), tensor) for tensor in row_tensors)
-
-
 def _beam_rows(keep, beam_size):
     """The flat [rows * beam] indices of sentences `keep`: their beams' rows in the state."""
     return tf.reshape(keep[:, None] * beam_size + tf.range(beam_size)[None], [-1])
@@ -167,6 +162,7 @@ def _sequential_search(step_fn, initial_state, context, batch_size, start_id, en
     zeros = tf.zeros([batch_size], tf.float32), tf.zeros([batch_size], tf.int32), tf.zeros([batch_size], tf.bool)
     ids = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])
     attention = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[None, None])
+    retired_tokens = tf.fill([batch_size], tf.cast(end_id, tf.int32))  # what a sentence that has left emits
 
     def body(t, alive, tokens, state, context, finished, row_max_lengths, row_totals, totals, ids, attention):
         row_log_probs, row_lengths, row_ended = row_totals
@@ -182,16 +178,16 @@ def _sequential_search(step_fn, initial_state, context, batch_size, start_id, en
         finished |= tf.equal(tokens, end_id) | (row_lengths >= row_max_lengths)
         row_totals = (row_log_probs, row_lengths, row_ended)
         totals = tuple(_scatter_rows(full, alive, row) for full, row in zip(totals, row_totals))
-        ids = ids.write(t, _scatter_rows(tf.fill([batch_size], tf.cast(end_id, tf.int32)), alive, tokens))
+        ids = ids.write(t, _scatter_rows(retired_tokens, alive, tokens))
         full_attention = tf.zeros([batch_size, tf.shape(step_attention)[-1]], tf.float32)
         attention = attention.write(t, _scatter_rows(full_attention, alive, step_attention))
         leaving = _leaving(finished)
         keep = tf.cast(tf.reshape(tf.where(~leaving), [-1]), tf.int32)
-        alive, tokens, finished, row_max_lengths, row_totals = _keep_rows(
-            keep, alive, tokens, finished, row_max_lengths, row_totals
+        alive, tokens, finished, row_max_lengths, row_totals = gather_beams(
+            (alive, tokens, finished, row_max_lengths, row_totals), keep
         )
         state, context = tf.cond(
-            tf.reduce_any(leaving), lambda: _keep_rows(keep, state, context), lambda: (state, context)
+            tf.reduce_any(leaving), lambda: gather_beams((state, context), keep), lambda: (state, context)
         )
         return t + 1, alive, tokens, state, context, finished, row_max_lengths, row_totals, totals, ids, attention
 
@@ -338,8 +334,8 @@ def beam_search(
         context = tf.cond(
             tf.reduce_any(leaving), lambda: gather_beams(context, _beam_rows(keep, k)), lambda: context
         )
-        alive, tokens, finished, row_max_lengths, row_totals = _keep_rows(
-            keep, alive, tf.reshape(tokens, [rows, k]), finished, row_max_lengths, row_totals
+        alive, tokens, finished, row_max_lengths, row_totals = gather_beams(
+            (alive, tf.reshape(tokens, [rows, k]), finished, row_max_lengths, row_totals), keep
         )
         return (
             t + 1, alive, tf.reshape(tokens, [-1]), state, context, finished, row_max_lengths, row_totals, totals,

@@ -149,7 +149,7 @@ def test_reference_comparison_catches_a_cache_left_in_old_beam_order(random_mode
 
     def gather_all_but_cache(structure, indices):
         # (The context is gathered as usual, and so is the cache when finished sentences leave the batch.)
-        if "cache" not in structure or len(indices) != len(structure["step"]):
+        if not (isinstance(structure, dict) and "cache" in structure) or len(indices) != len(structure["step"]):
             return gather(structure, indices)
         return {"step": gather(structure["step"], indices), "cache": structure["cache"]}
 

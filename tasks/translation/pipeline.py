@@ -118,11 +118,17 @@ class TranslationRun:
             raise DataError(f"{run_dir}: not a translation run directory (no config.yaml)")
         config = TranslationConfig.load(run_dir / "config.yaml")
         config.training.output_dir = str(run_dir)
+        return cls.from_files(run_dir, run_dir, config)
+
+    @classmethod
+    def from_files(cls, run_dir, directory, config):
+        """The run with the tokenizers and vocabularies saved in `directory` (a run directory,
+        or an export's assets.extra, which holds the same files)."""
         if config.tokenization.scheme == "sentencepiece":
-            tokenizers = [SentencePieceTokenizer.load(run_dir / f"{side}.spm") for side in ("source", "target")]
+            tokenizers = [SentencePieceTokenizer.load(directory / f"{side}.spm") for side in ("source", "target")]
         else:
             tokenizers = [WordTokenizer(lowercase=config.tokenization.lowercase) for _ in range(2)]
-        vocabs = [Vocabulary.load(run_dir / f"{side}.vocab") for side in ("source", "target")]
+        vocabs = [Vocabulary.load(directory / f"{side}.vocab") for side in ("source", "target")]
         return cls(run_dir, config, *tokenizers, *vocabs)
 
     def build_model(self):
@@ -328,19 +334,14 @@ def load_export(export_dir):
     if not (extra / "config.yaml").is_file():
         raise DataError(f"{export_dir}: not a translation SavedModel exported by seq2seq (no assets.extra/config.yaml)")
     config = TranslationConfig.load(extra / "config.yaml")
-    if config.tokenization.scheme == "sentencepiece":
-        models = {side: (extra / f"{side}.spm").read_bytes() for side in ("source", "target") if (extra / f"{side}.spm").is_file()}
-        if len(models) < 2:
-            models = _sentencepiece_models_in_graph(export_dir)
+    carried = all((extra / f"{side}.spm").is_file() for side in ("source", "target"))
+    if config.tokenization.scheme == "sentencepiece" and not carried:
+        models = _sentencepiece_models_in_graph(export_dir)
         tokenizers = [SentencePieceTokenizer(models[side]) for side in ("source", "target")]
         vocabs = [sentencepiece_vocabulary(models[side]) for side in ("source", "target")]
+        run = TranslationRun(export_dir, config, *tokenizers, *vocabs)
     else:
-        missing = [side for side in ("source", "target") if not (extra / f"{side}.vocab").is_file()]
-        if missing:
-            raise DataError(f"{export_dir}: exported without its vocabularies (assets.extra/{missing[0]}.vocab); export it again from its run directory")
-        tokenizers = [WordTokenizer(lowercase=config.tokenization.lowercase) for _ in range(2)]
-        vocabs = [Vocabulary.load(extra / f"{side}.vocab") for side in ("source", "target")]
-    run = TranslationRun(export_dir, config, *tokenizers, *vocabs)
+        run = TranslationRun.from_files(export_dir, extra, config)
     saved = _weights(tf.saved_model.load(str(export_dir)).model_variables)
     model = run.build_model()
     if any(variable.dtype == tf.int8 for variable in saved):
