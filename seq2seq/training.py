@@ -259,6 +259,19 @@ class _Throughput(keras.callbacks.Callback):
             )
 
 
+class _StopAtStep(keras.callbacks.Callback):
+    """Ends training at exactly `last_step`: the last checkpoint interval is shorter when
+    `max_steps` is not a multiple of it (Keras still ends that interval: validation, checkpoint)."""
+
+    def __init__(self, last_step):
+        super().__init__()
+        self.last_step = last_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.last_step:
+            self.model.stop_training = True
+
+
 class _CheckpointAndStop(keras.callbacks.Callback):
     """Writes a checkpoint at the end of every interval, tracks the best value of the
     monitored metric, stops early, and stops with a clear error on a NaN loss.
@@ -425,6 +438,7 @@ class Trainer:
         # Callbacks that add metrics (e.g. validation BLEU) run before the checkpoint reads them.
         throughput = [_Throughput(batches, verbose=config.verbose)] if batches.target_lengths is not None else []
         all_callbacks = [
+            _StopAtStep(total_steps),
             *throughput,
             *callbacks,
             _CheckpointAndStop(

@@ -219,10 +219,12 @@ def test_finished_run_does_not_train_again(short_run):
         np.testing.assert_array_equal(v.numpy(), value)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: fit trains whole checkpoint intervals past max_steps")
 def test_max_steps_is_respected_when_not_a_multiple_of_the_interval(short_run):
-    _, trainer, *_ = short_run
-    assert trainer.step == 7  # it is 8: ceil(7 / 2) intervals of 2 steps
+    """max_steps 7 with checkpoints every 2 steps: intervals of 2, 2, 2 and a last one of 1."""
+    _, trainer, _, history, _ = short_run
+    assert trainer.step == 7
+    assert int(trainer.manager.latest_checkpoint.rsplit("-", 1)[1]) == 7
+    assert len(history.history["loss"]) == 4
 
 
 def test_checkpoint_restores_dropout_random_state(short_run):
