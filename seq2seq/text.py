@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 
 import tensorflow as tf
 
+from seq2seq.errors import DataError  # noqa: F401  (raised here; imported from here by callers)
+
 PAD = "<pad>"
 UNK = "<unk>"
 BOS = "<s>"
@@ -25,10 +27,6 @@ UNK_ID = 1
 BOS_ID = 2
 EOS_ID = 3
 RESERVED_TOKENS = (PAD, UNK, BOS, EOS)
-
-
-class DataError(ValueError):
-    """Bad input data (files, vocabularies); the message names the file and line."""
 
 
 # Every kind of whitespace, control and zero-width character becomes one plain space.

@@ -213,6 +213,15 @@ def test_read_split_of_a_foreign_folder_names_the_missing_file(tmp_path):
         read_split(tmp_path)
 
 
+def test_caption_data_errors_are_the_translation_data_error(tmp_path):
+    """One DataError for both tasks: what the CLIs and the caption pipeline catch."""
+    import seq2seq.text
+
+    (tmp_path / "captions.tsv").write_text("\n")
+    with pytest.raises(seq2seq.text.DataError, match="captions.tsv"):
+        read_caption_tsv(tmp_path / "captions.tsv")
+
+
 def test_a_thousand_scenes_generate_quickly():
     start = time.perf_counter()
     generate_scenes(1000, seed=0)

@@ -20,15 +20,13 @@ from typing import Literal
 
 import numpy as np
 
+from seq2seq.errors import DataError  # noqa: F401  (raised here; imported from here by callers)
+
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 MISSING_SHOWN = 5
 FLICKR_TOKEN_SUFFIX = re.compile(r"#\d+$")
 
 Warn = Callable[[str], None]
-
-
-class DataError(ValueError):
-    """A caption file is empty, malformed, or refers to images that do not exist."""
 
 
 @dataclass
