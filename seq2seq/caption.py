@@ -63,23 +63,7 @@ def read_images(paths, image_size, on_error):
 def command_train(args):
     from tasks.captioning.pipeline import CaptionConfig, train
 
-    values = {}
-    if args.config:
-        import yaml
-
-        if not Path(args.config).is_file():
-            raise cli.CommandError(f"{args.config}: config file not found")
-        try:
-            values = yaml.safe_load(Path(args.config).read_text()) or {}
-        except yaml.YAMLError as error:
-            raise cli.CommandError(f"{args.config}: not valid YAML ({error})") from None
-        if not isinstance(values, dict):
-            raise cli.CommandError(f"{args.config}: expected a mapping with sections data, model, batching, training")
-    for section, fields in cli.flag_overrides(args).items():
-        values.setdefault(section, {}).update(fields)
-    if not (values.get("training") or {}).get("output_dir"):
-        raise cli.CommandError("give an output directory: --output-dir DIR (or training.output_dir in the config)")
-    config = CaptionConfig.from_dict(values)
+    config = cli.train_config(CaptionConfig, args)
     train(config, validation_bleu=not args.no_validation_bleu)
     print(f"trained: {config.training.output_dir}")
 

@@ -57,6 +57,17 @@ def flag_overrides(args):
     return overrides
 
 
+def train_config(config_class, args):
+    """The training config of a `train` command: `--config` YAML (if given) with the flags set
+    on top; one config path for every task. Refuses a config without an output directory."""
+    config_path = args.config
+    values = config_class.read_values(config_path) if config_path else {}
+    overrides = flag_overrides(args)
+    if not ((values.get("training") or {}).get("output_dir") or overrides.get("training", {}).get("output_dir")):
+        raise CommandError("give an output directory: --output-dir DIR (or training.output_dir in the config)")
+    return config_class.from_file_and_overrides(config_path, overrides)
+
+
 def run_main(handler, args):
     """Runs a subcommand, turning expected errors into one line on stderr and exit code 2."""
     from seq2seq.text import DataError

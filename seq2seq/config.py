@@ -6,6 +6,16 @@ from pathlib import Path
 import yaml
 
 
+def _one_line(yaml_error):
+    """A YAML parse error as one line: where it is and what is wrong (PyYAML's own message
+    spans several lines with a drawing of the spot)."""
+    mark = getattr(yaml_error, "problem_mark", None)
+    problem = getattr(yaml_error, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(yaml_error).split())
+
+
 class SectionedConfig:
     """A dataclass of config sections; subclasses set SECTIONS = {name: section dataclass}.
 
@@ -41,12 +51,28 @@ class SectionedConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def load(cls, path):
+    def read_values(cls, path):
+        """The mapping a YAML config file holds; ValueErrors name the file and what is wrong."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: config file not found")
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from None
+            raise ValueError(f"{path}: not valid YAML ({_one_line(error)})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping with sections " + ", ".join(cls.SECTIONS))
+        return values
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(cls.read_values(path))
+
+    @classmethod
+    def from_file_and_overrides(cls, path, overrides):
+        """A config from an optional YAML file (None: none) with {section: {field: value}}
+        overrides on top, as `train --config FILE --flag value` builds it."""
+        values = cls.read_values(path) if path else {}
+        for section, fields in overrides.items():
+            values[section] = {**(values.get(section) or {}), **fields}
         return cls.from_dict(values)

@@ -44,18 +44,7 @@ def command_train(args):
     from tasks.translation.config import TranslationConfig
     from tasks.translation.pipeline import train
 
-    values = {}
-    if args.config:
-        import yaml
-
-        if not Path(args.config).is_file():
-            raise cli.CommandError(f"{args.config}: config file not found")
-        values = yaml.safe_load(Path(args.config).read_text()) or {}
-    for section, fields in cli.flag_overrides(args).items():
-        values.setdefault(section, {}).update(fields)
-    if not values.get("training", {}).get("output_dir"):
-        raise cli.CommandError("give an output directory: --output-dir DIR (or training.output_dir in the config)")
-    config = TranslationConfig.from_dict(values)
+    config = cli.train_config(TranslationConfig, args)
     train(config, validation_bleu=not args.no_validation_bleu)
     print(f"trained: {config.training.output_dir}")
 

@@ -30,6 +30,20 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.parametrize("text, message", [
+    ("data: [unclosed\n", "not valid YAML (line 2, column 1:"),
+    ("- data\n", "expected a mapping with sections"),
+])
+def test_bad_config_file_is_one_error_line(capsys, tmp_path, text, message):
+    """The same errors, from the same function, as `translate train --config`."""
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    code, _, err = run_cli(capsys, "train", "--config", config)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {config}: ") and message in lines[0]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("caption") / "run"

@@ -113,6 +113,35 @@ def test_unknown_config_key_is_one_error_line(capsys, tmp_path, toy_corpus):
     assert "unitz" in line and "model" in line
 
 
+@pytest.mark.parametrize("text, message", [
+    ("data: [unclosed\n", "not valid YAML"),
+    ("- data\n- model\n", "expected a mapping with sections"),
+    ("", "give an output directory"),
+])
+def test_bad_config_file_is_one_error_line(capsys, tmp_path, text, message):
+    """The same config path as `caption train`: a broken or list-shaped YAML names the file."""
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    line = error_line(capsys, cli("train", "--config", config))
+    assert message in line
+    if text:
+        assert str(config) in line
+
+
+def test_flags_override_the_config_file_section_by_field(tmp_path, toy_corpus):
+    from seq2seq.cli import train_config
+    from seq2seq.translate import build_parser
+    from tasks.translation.config import TranslationConfig
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data:\n  train_source: {toy_corpus / 'train.en'}\n  train_target: {toy_corpus / 'train.de'}\n"
+                      f"model:\n  units: 16\n  dropout: 0.2\ntraining:\n  output_dir: {tmp_path / 'run'}\n")
+    args = build_parser().parse_args(["train", "--config", str(config), "--units", "32"])
+    resolved = train_config(TranslationConfig, args)
+    assert resolved.model.units == 32 and resolved.model.dropout == 0.2
+    assert resolved.training.output_dir == str(tmp_path / "run")
+
+
 def test_train_without_output_dir_is_one_error_line(capsys, toy_corpus):
     line = error_line(capsys, cli("train", "--train-source", toy_corpus / "train.en",
                                   "--train-target", toy_corpus / "train.de"))
