@@ -60,12 +60,10 @@ def flag_overrides(args):
 def train_config(config_class, args):
     """The training config of a `train` command: `--config` YAML (if given) with the flags set
     on top; one config path for every task. Refuses a config without an output directory."""
-    config_path = args.config
-    values = config_class.read_values(config_path) if config_path else {}
-    overrides = flag_overrides(args)
-    if not ((values.get("training") or {}).get("output_dir") or overrides.get("training", {}).get("output_dir")):
+    values = config_class.values_with_overrides(args.config, flag_overrides(args))
+    if not (values.get("training") or {}).get("output_dir"):
         raise CommandError("give an output directory: --output-dir DIR (or training.output_dir in the config)")
-    return config_class.from_file_and_overrides(config_path, overrides)
+    return config_class.from_dict(values)
 
 
 def run_main(handler, args):

@@ -69,10 +69,10 @@ class SectionedConfig:
         return cls.from_dict(cls.read_values(path))
 
     @classmethod
-    def from_file_and_overrides(cls, path, overrides):
-        """A config from an optional YAML file (None: none) with {section: {field: value}}
-        overrides on top, as `train --config FILE --flag value` builds it."""
+    def values_with_overrides(cls, path, overrides):
+        """The mapping of an optional YAML file (None: none) with {section: {field: value}}
+        overrides laid on top, as `train --config FILE --flag value` builds it."""
         values = cls.read_values(path) if path else {}
         for section, fields in overrides.items():
             values[section] = {**(values.get(section) or {}), **fields}
-        return cls.from_dict(values)
+        return values
