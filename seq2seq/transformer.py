@@ -99,25 +99,68 @@ def _norm(name):
     return keras.layers.LayerNormalization(epsilon=1e-6, name=name)
 
 
-def heads_first(projected):
-    """[batch, time, heads, head_dim] (a MultiHeadAttention projection) -> [batch, heads, time, head_dim]."""
-    return tf.transpose(projected, [0, 2, 1, 3])
+def _as_matrix_product(dense, x, kernel_shape):
+    """x [rows, inputs] through an EinsumDense of a `keras.layers.MultiHeadAttention` as one
+    2-D matrix product with its kernel reshaped to `kernel_shape` [inputs, outputs], plus its
+    bias; an int8 kernel (weight-only, per output channel) is scaled after the product, as
+    Keras's int8 `Dense` does. At a decoding step's size (a few rows) oneDNN's einsum costs
+    six times a MatMul of the same product (measured: 84 against 14 us at 5 rows)."""
+    kernel = tf.reshape(tf.cast(dense.kernel, x.dtype), kernel_shape)
+    y = tf.matmul(x, kernel)
+    if dense.quantization_mode == "int8":
+        y = y / tf.reshape(tf.cast(dense.kernel_scale, y.dtype), [-1])
+    elif dense.quantization_mode is not None:
+        raise ValueError(f"{dense.name}: quantization mode {dense.quantization_mode!r} is not supported (int8 is)")
+    if dense.bias is not None:
+        y = y + tf.reshape(tf.cast(dense.bias, y.dtype), [-1])
+    return y
+
+
+def heads_first(dense, x):
+    """x [batch, time, units] -> [batch, heads, time, head_dim]: the query, key or value
+    projection of a MultiHeadAttention (its EinsumDense `dense`), heads first."""
+    units, heads, head_dim = dense.kernel.shape
+    batch, time = tf.shape(x)[0], tf.shape(x)[1]
+    projected = _as_matrix_product(dense, tf.reshape(x, [-1, units]), [units, heads * head_dim])
+    if x.shape[1] == 1:  # one decoding step: the transpose is a reshape
+        return tf.reshape(projected, [batch, heads, 1, head_dim])
+    return tf.transpose(tf.reshape(projected, [batch, time, heads, head_dim]), [0, 2, 1, 3])
+
+
+def heads_merged(dense, x):
+    """x [batch, heads, time, head_dim] -> [batch, time, units]: a MultiHeadAttention's
+    output projection (its EinsumDense `dense`)."""
+    heads, head_dim, units = dense.kernel.shape
+    batch, time = tf.shape(x)[0], tf.shape(x)[2]
+    if x.shape[2] != 1:
+        x = tf.transpose(x, [0, 2, 1, 3])
+    projected = _as_matrix_product(dense, tf.reshape(x, [-1, heads * head_dim]), [heads * head_dim, units])
+    return tf.reshape(projected, [batch, time, units])
+
+
+def _softmax(scores):
+    """Softmax over the last axis. For one query position, as exp and sums: oneDNN's softmax
+    builds a new primitive for every new key length (measured: 94 against 19 us a step)."""
+    if scores.shape[-2] != 1:
+        return tf.nn.softmax(scores, axis=-1)
+    exp = tf.exp(scores - tf.reduce_max(scores, axis=-1, keepdims=True))
+    return exp / tf.reduce_sum(exp, axis=-1, keepdims=True)
 
 
 def attend(attention, x, key, value, mask, dropout, training):
     """Scaled dot-product attention with the projections of a `keras.layers.MultiHeadAttention`.
 
-    x [batch, time, units]; key, value [batch, heads, keys, head_dim] (the layer's
-    `key_dense` / `value_dense` outputs through `heads_first`: the layout the batched
-    products read without a transpose, and the layout of the decoder's key/value cache);
+    x [batch, time, units]; key, value [batch, heads, keys, head_dim] (`heads_first` of the
+    layer's `key_dense` / `value_dense`: the layout the batched products read without a
+    transpose, and the layout of the decoder's key/value cache);
     mask broadcastable to [batch, time, keys]; dropout: a Dropout layer for the attention
     weights. Scores, softmax and the weights' dropout run in float32 (under bfloat16,
     Keras's own attention would take its softmax in bfloat16). Returns the output
     [batch, time, units] and the weights [batch, heads, time, keys] in float32 (exactly
     zero where masked). The encoder and the decoder both attend with it.
     """
-    query = attention.query_dense(x)  # [batch, time, heads, head_dim]: head_dim static even where key's is not
-    query = heads_first(query * ops.cast(1.0 / math.sqrt(query.shape[-1]), x.dtype))
+    query = heads_first(attention.query_dense, x)  # [batch, heads, time, head_dim]
+    query = query * ops.cast(1.0 / math.sqrt(query.shape[-1]), x.dtype)
     key, value = tf.cast(key, query.dtype), tf.cast(value, x.dtype)
     # One query position (a decoding step): products as broadcast multiply-and-sum. The
     # batched matrix product would build a new oneDNN primitive at every step, because the
@@ -128,13 +171,13 @@ def attend(attention, x, key, value, mask, dropout, training):
     else:
         scores = tf.matmul(query, key, transpose_b=True)
     scores = tf.where(mask[:, None], tf.cast(scores, tf.float32), _MASKED)  # [batch, heads, time, keys]
-    weights = tf.nn.softmax(scores, axis=-1)
+    weights = _softmax(scores)
     dropped = tf.cast(dropout(weights, training=training), x.dtype)
     if one_position:
         output = tf.reduce_sum(dropped[:, :, 0, :, None] * value, axis=2)[:, :, None, :]
     else:
         output = tf.matmul(dropped, value)  # [batch, heads, time, head_dim]
-    return attention.output_dense(tf.transpose(output, [0, 2, 1, 3])), weights
+    return heads_merged(attention.output_dense, output), weights
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
@@ -236,7 +279,7 @@ class TransformerEncoder(keras.layers.Layer):
         for i in range(self.num_layers):
             h = self.attention_norms[i](x)
             attention = self.attentions[i]
-            key, value = heads_first(attention.key_dense(h)), heads_first(attention.value_dense(h))
+            key, value = heads_first(attention.key_dense, h), heads_first(attention.value_dense, h)
             h, _ = attend(attention, h, key, value, attention_mask, self.dropout_layer, training)
             x = x + self.dropout_layer(h, training=training)
             h = self.ffn_outer[i](self.dropout_layer(self.ffn_inner[i](self.ffn_norms[i](x)), training=training))
@@ -354,7 +397,7 @@ class TransformerDecoder(keras.layers.Layer):
             "memory": memory,
             "memory_mask": ops.cast(memory_mask, "bool"),
             "cross": tuple(
-                {"key": heads_first(attention.key_dense(memory)), "value": heads_first(attention.value_dense(memory))}
+                {"key": heads_first(attention.key_dense, memory), "value": heads_first(attention.value_dense, memory)}
                 for attention in self.cross_attentions
             ),
         }
@@ -396,8 +439,8 @@ class TransformerDecoder(keras.layers.Layer):
             self_attention = self.self_attentions[i]
             h = self.self_attention_norms[i](x)
             cache = state["cache"][i]
-            key = tf.concat([tf.cast(cache["key"], h.dtype), heads_first(self_attention.key_dense(h))], axis=2)
-            value = tf.concat([tf.cast(cache["value"], h.dtype), heads_first(self_attention.value_dense(h))], axis=2)
+            key = tf.concat([tf.cast(cache["key"], h.dtype), heads_first(self_attention.key_dense, h)], axis=2)
+            value = tf.concat([tf.cast(cache["value"], h.dtype), heads_first(self_attention.value_dense, h)], axis=2)
             new_cache.append({"key": key, "value": value})
             h, _ = attend(self_attention, h, key, value, causal, self.dropout_layer, training)
             x = x + self.dropout_layer(h, training=training)
