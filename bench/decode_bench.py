@@ -4,7 +4,8 @@
 
 For greedy and beam 5 over Multi30k test_2016_flickr (in-process, the `translate` signature,
 batches of 64 sorted by length) it prints the wall time, sentences/s, generated tokens/s
-(end token included) and cased sacreBLEU; then single-sentence latency p50/p95 through
+(end token included) and cased sacreBLEU, then wall time and sacreBLEU with two batches
+decoded at a time (`translate_lines`, as the CLI decodes); then single-sentence latency p50/p95 through
 `serving_default` (beam 5), the time of the CLI from process start to the first printed
 line for one sentence, and peak RSS. To make figures from a loaded machine comparable, it
 also measures in the same process the float32 rate of a 2048^3 matrix product and prints
@@ -33,6 +34,7 @@ sys.path.insert(0, str(PROJECT / "bench"))
 
 from seq2seq import cli  # noqa: E402
 from tasks.translation.data import read_lines  # noqa: E402
+from tasks.translation.inference import translate_lines  # noqa: E402
 from tasks.translation.pipeline import corpus_scores  # noqa: E402
 from timing import op_table  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
 
@@ -129,6 +131,12 @@ def main():
               f"{tokens / seconds:,.0f} generated tokens/s ({tokens} tokens), sacreBLEU {bleu}")
         if beam_size == 5:
             beam_seconds = seconds
+    for beam_size, name in ((1, "greedy"), (5, "beam 5")):
+        start = time.perf_counter()
+        translations = translate_lines(model, sources, beam_size=beam_size, batch_size=args.batch_size)
+        seconds = time.perf_counter() - start
+        bleu = corpus_scores(translations, references)["bleu"]
+        print(f"{name}, two batches at a time (as `translate` and `evaluate` decode): {seconds:.2f} s, sacreBLEU {bleu}")
     reference_seconds = args.reference_tflop * 1e3 / rate
     print(f"beam 5 time / time of {args.reference_tflop} TFLOP at the 2048^3 rate: {beam_seconds / reference_seconds:.1f}")
     serve = model.signatures["serving_default"]

@@ -120,22 +120,21 @@ def heads_first(dense, x):
     """x [batch, time, units] -> [batch, heads, time, head_dim]: the query, key or value
     projection of a MultiHeadAttention (its EinsumDense `dense`), heads first."""
     units, heads, head_dim = dense.kernel.shape
-    batch, time = tf.shape(x)[0], tf.shape(x)[1]
     projected = _as_matrix_product(dense, tf.reshape(x, [-1, units]), [units, heads * head_dim])
     if x.shape[1] == 1:  # one decoding step: the transpose is a reshape
-        return tf.reshape(projected, [batch, heads, 1, head_dim])
-    return tf.transpose(tf.reshape(projected, [batch, time, heads, head_dim]), [0, 2, 1, 3])
+        return tf.reshape(projected, [-1, heads, 1, head_dim])
+    return tf.transpose(tf.reshape(projected, [-1, tf.shape(x)[1], heads, head_dim]), [0, 2, 1, 3])
 
 
 def heads_merged(dense, x):
     """x [batch, heads, time, head_dim] -> [batch, time, units]: a MultiHeadAttention's
     output projection (its EinsumDense `dense`)."""
     heads, head_dim, units = dense.kernel.shape
-    batch, time = tf.shape(x)[0], tf.shape(x)[2]
+    time = 1 if x.shape[2] == 1 else tf.shape(x)[2]
     if x.shape[2] != 1:
         x = tf.transpose(x, [0, 2, 1, 3])
     projected = _as_matrix_product(dense, tf.reshape(x, [-1, heads * head_dim]), [heads * head_dim, units])
-    return tf.reshape(projected, [batch, time, units])
+    return tf.reshape(projected, [-1, time, units])
 
 
 def _softmax(scores):

@@ -452,3 +452,41 @@ def test_tsv_line_with_too_few_columns_names_file_and_line(capsys, tmp_path):
     tsv = write_lines(tmp_path / "train.tsv", ["a man .\tein mann .", "no tab here", "x\ty"])
     line = error_line(capsys, cli("train", "--train-tsv", tsv, "--output-dir", tmp_path / "run", "--max-steps", 2))
     assert f"{tsv}:2:" in line
+
+
+def test_translate_lines_decodes_batches_side_by_side_and_keeps_input_order():
+    """Later batches finish first here; the results and raw outputs still come in input order,
+    the same as one batch at a time, and two batches really were decoded at once."""
+    import threading
+    import time
+
+    from tasks.translation.inference import translate_lines
+
+    class SlowFirstBatches:
+        def __init__(self):
+            self.running, self.most_at_once, self.lock = 0, 0, threading.Lock()
+
+        def translate(self, texts, beam_size, n_best, length_penalty):
+            with self.lock:
+                self.running += 1
+                self.most_at_once = max(self.most_at_once, self.running)
+            texts = [t.decode() for t in texts.numpy()]
+            time.sleep(0.05 / len(texts[0]))  # the batches of short lines (first) take longest
+            with self.lock:
+                self.running -= 1
+            return {
+                "nbest_translations": tf.constant([[t[::-1]] for t in texts]),
+                "source_truncated": tf.constant([False] * len(texts)),
+            }
+
+    lines = [("w" * (i % 7 + 1)) + f" {i}" for i in range(23)]
+    expected = [line[::-1] for line in lines]
+    model = SlowFirstBatches()
+    outputs = []
+    assert translate_lines(model, lines, batch_size=4, outputs=outputs) == expected
+    assert model.most_at_once == 2
+    assert [i for i, _ in outputs] == list(range(len(lines)))
+    assert [out["nbest_translations"].numpy()[0].decode() for _, out in outputs] == expected
+    one_at_a_time = SlowFirstBatches()
+    assert translate_lines(one_at_a_time, lines, batch_size=4, concurrent_batches=1) == expected
+    assert one_at_a_time.most_at_once == 1
