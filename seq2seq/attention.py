@@ -20,13 +20,23 @@ def _masked_softmax(scores, mask):
     """
     scores = ops.cast(scores, "float32")
     scores = ops.where(mask, scores, ops.full_like(scores, -1e9))
-    weights = ops.softmax(scores, axis=-1)
+    # As exp and sums: oneDNN's softmax kernel costs 4x these at a decoding step's size.
+    exp = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))
+    weights = exp / ops.sum(exp, axis=-1, keepdims=True)
     return weights * ops.cast(mask, weights.dtype)
+
+
+def _scores(query, keys):
+    """query [batch, dim] . keys [batch, src_len, dim] -> [batch, src_len], as a broadcast
+    multiply-and-sum: faster than a batched product or einsum at a decoding step's few rows
+    (measured with the softmax and context: 44 against 158 and 173 us at 5 rows) and not
+    slower than einsum at training and batch-decoding sizes."""
+    return ops.sum(ops.cast(query, keys.dtype)[:, None, :] * keys, axis=-1)
 
 
 def _context(weights, memory):
     """weights [batch, src_len] float32, memory [batch, src_len, dim] -> context [batch, dim]."""
-    return ops.einsum("bs,bsd->bd", ops.cast(weights, memory.dtype), memory)
+    return ops.sum(ops.cast(weights, memory.dtype)[:, :, None] * memory, axis=1)
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
@@ -114,7 +124,7 @@ class LuongAttention(keras.layers.Layer):
         return memory
 
     def call(self, query, keys, memory, mask):
-        scores = ops.einsum("bd,bsd->bs", ops.cast(query, keys.dtype), keys)  # [batch, src_len]
+        scores = _scores(query, keys)  # [batch, src_len]
         weights = _masked_softmax(scores, mask)
         return _context(weights, memory), weights
 
