@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from seq2seq import keras_compat
 from seq2seq.losses import MaskedCrossEntropy
 from seq2seq.optimizers import FusedAdam
 
@@ -84,7 +85,7 @@ def scope(strategy):
 
 
 def is_multi_worker(strategy):
-    return strategy is not None and strategy.extended._in_multi_worker_mode()
+    return strategy is not None and keras_compat.in_multi_worker_mode(strategy)
 
 
 def worker_id(strategy):
@@ -168,9 +169,9 @@ def patch_keras_trainer(model, strategy):
                 data_batch = tf.nest.map_structure(local, next(batches))
                 break
         with strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
+            keras_compat.symbolic_build(model, data_batch)
 
-    model._maybe_symbolic_build = maybe_symbolic_build
+    keras_compat.replace_symbolic_build(model, maybe_symbolic_build)
 
 
 def _with_rank_1_outputs(step):
@@ -208,7 +209,8 @@ class AllReduceThenClipAdam(FusedAdam):
     Keras clips each replica's gradients and then sums them, which clips the shares of the
     gradient rather than the gradient, so a clipped step would differ from a single device's.
     Here `_clip_gradients` does the all-reduce and `_all_reduce_sum_gradients` (called
-    afterwards by Keras's TensorFlow optimizer) passes the summed gradients through."""
+    afterwards by Keras's TensorFlow optimizer) passes the summed gradients through: private
+    methods, listed in `keras_compat.OPTIMIZER_OVERRIDES`, which checks that they exist."""
 
     def _clip_gradients(self, grads):
         context = tf.distribute.get_replica_context()

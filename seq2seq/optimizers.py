@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from seq2seq import keras_compat
+
 
 @keras.saving.register_keras_serializable(package="seq2seq")
 class FusedAdam(keras.optimizers.Adam):
@@ -18,8 +20,7 @@ class FusedAdam(keras.optimizers.Adam):
     def update_step(self, gradient, variable, learning_rate):
         if keras.backend.backend() != "tensorflow" or self.amsgrad or variable.dtype != "float32":
             return super().update_step(gradient, variable, learning_rate)
-        index = self._get_variable_index(variable)
-        momentum, velocity = self._momentums[index], self._velocities[index]
+        momentum, velocity = keras_compat.adam_slots(self, variable)
         step = tf.cast(self.iterations + 1, tf.float32)
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle,

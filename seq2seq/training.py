@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seq2seq import distribute
+from seq2seq import distribute, keras_compat
 from seq2seq.losses import MaskedCrossEntropy, WarmupDecay
 from seq2seq.optimizers import FusedAdam
 from seq2seq.precision import CHOICES as PRECISION_CHOICES
@@ -329,6 +329,7 @@ class Trainer:
     """
 
     def __init__(self, model, config: TrainingConfig, strategy=None):
+        keras_compat.check(TrainingError)
         self.model = model
         self.config = config
         if strategy is None and tf.distribute.has_strategy():
@@ -511,8 +512,7 @@ def restore_model_weights(model, checkpoint_path):
     before = [v.numpy().copy() for v in model.trainable_variables]
     # Only the optimizer's list of the weights it trains: a real optimizer would also match its
     # own slots by position, which differ with the learning-rate type.
-    optimizer = tf.Module()
-    optimizer._trainable_variables = [v.value for v in model.trainable_variables]
+    optimizer = keras_compat.optimizer_checkpoint_stub(v.value for v in model.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, model_variables=_all_variables(model))
     try:
         checkpoint.restore(str(checkpoint_path)).expect_partial()

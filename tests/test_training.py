@@ -444,3 +444,22 @@ def test_training_reports_target_tokens_per_second(tmp_path, capsys):
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     assert summary["history"]["target_tokens_per_second"] == pytest.approx(rates)
     assert summary["target_tokens_per_second"] == pytest.approx(np.mean(rates))
+
+
+def test_every_private_keras_hook_exists_and_a_missing_one_is_one_clear_error(monkeypatch):
+    """seq2seq.keras_compat gathers the private Keras/TF hooks; all exist in the installed
+    versions (Adam's slot lists included), and a Keras without one fails with one line."""
+    from seq2seq import keras_compat
+    from seq2seq.optimizers import FusedAdam
+
+    assert keras_compat.missing() == []
+    variable = keras.Variable(np.zeros((2, 3), np.float32))
+    optimizer = FusedAdam(1e-3)
+    optimizer.build([variable])
+    momentum, velocity = keras_compat.adam_slots(optimizer, variable)
+    assert tuple(momentum.shape) == tuple(velocity.shape) == (2, 3) and momentum is not velocity
+    for base in keras.Model.__mro__:  # a Keras without it (restored after the test)
+        if "_maybe_symbolic_build" in vars(base):
+            monkeypatch.delattr(base, "_maybe_symbolic_build")
+    with pytest.raises(TrainingError, match=r"lacks what seq2seq needs \(keras.Model._maybe_symbolic_build\)"):
+        keras_compat.check(TrainingError)
