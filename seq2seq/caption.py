@@ -61,7 +61,8 @@ def read_images(paths, image_size, on_error):
 
 
 def command_train(args):
-    from tasks.captioning.pipeline import CaptionConfig, train
+    from tasks.captioning.config import CaptionConfig
+    from tasks.captioning.pipeline import train
 
     config = cli.train_config(CaptionConfig, args)
     train(config, validation_bleu=not args.no_validation_bleu)
@@ -173,7 +174,7 @@ def add_model_flags(parser):
 
 def build_parser():
     from seq2seq.training import TrainingConfig
-    from tasks.captioning.pipeline import BatchConfig, DataConfig, ModelConfig
+    from tasks.captioning.config import BatchConfig, DataConfig, ModelConfig
 
     parser = argparse.ArgumentParser(prog="python -m seq2seq.caption", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

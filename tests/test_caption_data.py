@@ -238,7 +238,8 @@ def test_caption_batches_sort_by_length_only_for_a_frozen_backbone_by_default(tm
     """Sorted batches group scenes by object count; a fine-tuned BatchNorm backbone must not see that."""
     from seq2seq.training import TrainingConfig
     from tasks.captioning import shapes
-    from tasks.captioning.pipeline import BatchConfig, CaptionConfig, CaptionRun, DataConfig, ModelConfig, make_batches, shapes_set
+    from tasks.captioning.config import BatchConfig, CaptionConfig, DataConfig, ModelConfig
+    from tasks.captioning.pipeline import CaptionRun, make_batches, shapes_set
 
     config = CaptionConfig(
         data=DataConfig(shapes_train=60),
