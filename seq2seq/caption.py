@@ -156,18 +156,12 @@ def command_export(args):
 
     run = CaptionRun.load(args.run_dir)
     model = run.load_model(weights=args.weights)
-    model_dir = Path(args.output)
-    version = args.version or cli.next_version(model_dir)
-    path = export(run, model, model_dir / str(version), args.beam_size, args.length_penalty)
-    print(f"exported: {path}")
+    cli.write_export(lambda path: export(run, model, path, args.beam_size, args.length_penalty), args.output, args.version)
 
 
 def add_model_flags(parser):
-    parser.add_argument("--model", default=str(SHIPPED_MODEL), help="SavedModel, TF Serving model dir or run dir (default: the shipped shapes captioner)")
-    parser.add_argument("--beam-size", type=int, default=3, help="beam width; 1 is greedy search (default: 3)")
-    parser.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty alpha (default: 0.0)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
-    parser.add_argument("--weights", choices=("best", "last"), default="best", help="which weights of a run dir (default: best)")
+    cli.add_search_flags(parser, SHIPPED_MODEL, "shapes captioner", beam_size=3, length_penalty=0.0, batch_size=32,
+                         items="images")
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                         help="unreadable image files: skip them with a warning and a count, or stop with an error (default: skip)")
 

@@ -93,6 +93,27 @@ def next_version(model_dir):
     return max(numbers, default=0) + 1
 
 
+def add_search_flags(parser, default_model, model_name, beam_size, length_penalty, batch_size, items):
+    """The flags of the commands that decode with a model: which model and weights, the
+    search, and the batch of `items` ("sentences", "images") decoded at once."""
+    parser.add_argument("--model", default=str(default_model),
+                        help=f"SavedModel, TF Serving model dir or run dir (default: the shipped {model_name})")
+    parser.add_argument("--beam-size", type=int, default=beam_size,
+                        help=f"beam width; 1 is greedy search (default: {beam_size})")
+    parser.add_argument("--length-penalty", type=float, default=length_penalty,
+                        help=f"GNMT length penalty alpha (default: {length_penalty})")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"{items} per batch (default: {batch_size})")
+    parser.add_argument("--weights", choices=("best", "last"), default="best", help="which weights of a run dir (default: best)")
+
+
+def write_export(write, model_dir, version=None):
+    """Calls write(path) for `model_dir/<version>` (default: the next free version) and
+    prints where the export went."""
+    model_dir = Path(model_dir)
+    path = write(model_dir / str(version or next_version(model_dir)))
+    print(f"exported: {path}")
+
+
 def model_path(path):
     """`path` itself, or for a TF Serving model dir its highest SavedModel version; an error
     when nothing is there."""

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import yaml
 
+from seq2seq.errors import DataError
+
 
 def _one_line(yaml_error):
     """A YAML parse error as one line: where it is and what is wrong (PyYAML's own message
@@ -67,6 +69,17 @@ class SectionedConfig:
     @classmethod
     def load(cls, path):
         return cls.from_dict(cls.read_values(path))
+
+    @classmethod
+    def load_run(cls, run_dir, task):
+        """The config.yaml of a `task` ("translation", ...) run directory, with its output dir
+        set to where the run is now (it may have moved since training)."""
+        path = Path(run_dir) / "config.yaml"
+        if not path.is_file():
+            raise DataError(f"{run_dir}: not a {task} run directory (no config.yaml)")
+        config = cls.load(path)
+        config.training.output_dir = str(run_dir)
+        return config
 
     @classmethod
     def values_with_overrides(cls, path, overrides):

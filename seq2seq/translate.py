@@ -145,19 +145,16 @@ def command_export(args):
         from seq2seq.model import quantize_weights
 
         quantize_weights(model)
-    model_dir = Path(args.output)
-    version = args.version or cli.next_version(model_dir)
-    path = export(run, model, model_dir / str(version), args.beam_size, args.length_penalty, args.replace_unknown)
-    print(f"exported: {path}")
+    cli.write_export(
+        lambda path: export(run, model, path, args.beam_size, args.length_penalty, args.replace_unknown),
+        args.output, args.version,
+    )
 
 
 def add_model_flags(parser):
-    parser.add_argument("--model", default=str(SHIPPED_MODEL), help="SavedModel, TF Serving model dir or run dir (default: the shipped Multi30k En->De model)")
-    parser.add_argument("--beam-size", type=int, default=5, help="beam width; 1 is greedy search (default: 5)")
-    parser.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length penalty alpha (default: 0.6)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default: 64)")
+    cli.add_search_flags(parser, SHIPPED_MODEL, "Multi30k En->De model", beam_size=5, length_penalty=0.6, batch_size=64,
+                         items="sentences")
     parser.add_argument("--replace-unknown", action="store_true", help="replace <unk> outputs by the most attended source word (run dirs only)")
-    parser.add_argument("--weights", choices=("best", "last"), default="best", help="which weights of a run dir (default: best)")
     parser.add_argument("--average-last", type=int, metavar="N", help="average the last N checkpoints of a run dir")
 
 

@@ -142,6 +142,23 @@ def test_flags_override_the_config_file_section_by_field(tmp_path, toy_corpus):
     assert resolved.training.output_dir == str(tmp_path / "run")
 
 
+def test_a_run_directory_is_read_where_it_is_now_and_a_folder_without_a_run_is_named(tmp_path, toy_corpus):
+    """Both tasks' Run.load read a run's config through SectionedConfig.load_run."""
+    from seq2seq.errors import DataError
+    from tasks.captioning.config import CaptionConfig
+    from tasks.translation.config import TranslationConfig
+
+    config = TranslationConfig.from_dict({"data": {"train_source": str(toy_corpus / "train.en"),
+                                                   "train_target": str(toy_corpus / "train.de")},
+                                          "training": {"output_dir": "/where/it/trained"}})
+    moved = tmp_path / "moved_run"
+    moved.mkdir()
+    config.save(moved / "config.yaml")
+    assert TranslationConfig.load_run(moved, "translation").training.output_dir == str(moved)
+    with pytest.raises(DataError, match=r"empty: not a captioning run directory \(no config.yaml\)"):
+        CaptionConfig.load_run(tmp_path / "empty", "captioning")
+
+
 def test_train_without_output_dir_is_one_error_line(capsys, toy_corpus):
     line = error_line(capsys, cli("train", "--train-source", toy_corpus / "train.en",
                                   "--train-target", toy_corpus / "train.de"))

@@ -170,11 +170,7 @@ class CaptionRun:
     @classmethod
     def load(cls, run_dir):
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise DataError(f"{run_dir}: not a captioning run directory (no config.yaml)")
-        config = CaptionConfig.load(run_dir / "config.yaml")
-        config.training.output_dir = str(run_dir)
-        return cls(run_dir, config, Vocabulary.load(run_dir / VOCAB_FILE))
+        return cls(run_dir, CaptionConfig.load_run(run_dir, "captioning"), Vocabulary.load(run_dir / VOCAB_FILE))
 
     def image_encoder(self):
         m = self.config.model

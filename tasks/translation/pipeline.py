@@ -114,11 +114,7 @@ class TranslationRun:
     @classmethod
     def load(cls, run_dir):
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise DataError(f"{run_dir}: not a translation run directory (no config.yaml)")
-        config = TranslationConfig.load(run_dir / "config.yaml")
-        config.training.output_dir = str(run_dir)
-        return cls.from_files(run_dir, run_dir, config)
+        return cls.from_files(run_dir, run_dir, TranslationConfig.load_run(run_dir, "translation"))
 
     @classmethod
     def from_files(cls, run_dir, directory, config):
