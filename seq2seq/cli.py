@@ -13,6 +13,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 EXIT_USAGE = 2
 
 
+def log(message):
+    """A progress or warning line for the user, on stderr (stdout carries the results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 class CommandError(Exception):
     """An error to show the user as one line, with a non-zero exit code."""
 

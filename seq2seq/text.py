@@ -300,3 +300,25 @@ def decode(ids, vocab: Vocabulary, tokenizer: WordTokenizer) -> tf.Tensor:
     keep = before_eos & tf.not_equal(ids, PAD_ID) & tf.not_equal(ids, BOS_ID)  # [N, T]
     kept_ids = tf.ragged.boolean_mask(ids, keep)  # [N, None]
     return tokenizer.detokenize(vocab.lookup_tokens(kept_ids))  # [N]
+
+
+ENCODE_CHUNK = 4096  # texts tokenized per in-graph call: bounded memory, few calls
+
+
+def tokenize_all(tokenizer, texts):
+    """Token lists of every text, tokenized in-graph in chunks (to build a vocabulary)."""
+    tokens = []
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        tokens.extend(tokenizer.tokenize(tf.constant(texts[start : start + ENCODE_CHUNK])).to_list())
+    return tokens
+
+
+def encode_all(tokenizer, vocab, texts):
+    """Ragged int32 ids [N, None] of every text, tokenized and looked up in-graph in chunks."""
+    parts = [
+        vocab.lookup_ids(tokenizer.tokenize(tf.constant(texts[start : start + ENCODE_CHUNK])))
+        for start in range(0, len(texts), ENCODE_CHUNK)
+    ]
+    if not parts:
+        return tf.ragged.constant([], dtype=tf.int32, ragged_rank=1)
+    return tf.concat(parts, axis=0)

@@ -18,7 +18,6 @@ runs once over the data and the model trains on the cached feature grids.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import keras
@@ -26,12 +25,13 @@ import numpy as np
 import tensorflow as tf
 
 from seq2seq import distribute
+from seq2seq.cli import log
 from seq2seq.batching import plan_batches
 from seq2seq.decoders import AttentionDecoder
 from seq2seq.encoders import Bridge
 from seq2seq.model import Seq2SeqModel
 from seq2seq.precision import describe_precision, precision_scope
-from seq2seq.text import DataError, Vocabulary, WordTokenizer
+from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import PlannedBatches, Trainer, restore_model_weights
 from tasks.captioning import data, shapes
 from tasks.captioning.captioner import Captioner
@@ -44,11 +44,6 @@ from tasks.captioning.images import ImageError, load_image, load_images
 
 VOCAB_FILE = "captions.vocab"
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
-ENCODE_CHUNK = 4096
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -133,17 +128,6 @@ def read_split(config, split):
     return examples_set(examples, size, d.on_error, f"coco_captions[{tfds_split}]")
 
 
-def encode_captions(tokenizer, vocab, texts):
-    """Ragged int32 ids [N, None] of every caption."""
-    parts = [
-        vocab.lookup_ids(tokenizer.tokenize(tf.constant(texts[start : start + ENCODE_CHUNK])))
-        for start in range(0, len(texts), ENCODE_CHUNK)
-    ]
-    if not parts:
-        return tf.ragged.constant([], dtype=tf.int32, ragged_rank=1)
-    return tf.concat(parts, axis=0)
-
-
 class CaptionRun:
     """A run directory with its config, tokenizer and vocabulary."""
 
@@ -159,10 +143,7 @@ class CaptionRun:
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = WordTokenizer(lowercase=config.data.lowercase)
         texts = [caption for captions in train_set.captions for caption in captions]
-        token_lists = []
-        for start in range(0, len(texts), ENCODE_CHUNK):
-            token_lists.extend(tokenizer.tokenize(tf.constant(texts[start : start + ENCODE_CHUNK])).to_list())
-        vocab = Vocabulary.build(token_lists, config.data.vocab_size, config.data.min_count)
+        vocab = Vocabulary.build(tokenize_all(tokenizer, texts), config.data.vocab_size, config.data.min_count)
         vocab.save(run_dir / VOCAB_FILE)
         config.save(run_dir / "config.yaml")
         return cls(run_dir, config, vocab)
@@ -268,7 +249,7 @@ def make_batches(run, caption_set, sources, shuffle, report_name):
     for index, captions in enumerate(caption_set.captions):
         flat.extend(captions)
         image_index.extend([index] * len(captions))
-    ids = encode_captions(run.tokenizer, run.vocab, flat)
+    ids = encode_all(run.tokenizer, run.vocab, flat)
     lengths = ids.row_lengths().numpy()
     limit = run.config.data.max_caption_length
     if (lengths > limit).any():

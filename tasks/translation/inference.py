@@ -1,14 +1,11 @@
 """Translating many lines with a loaded model, without importing Keras: what the CLI needs to
 answer from a SavedModel (a `Translator` in-process has the same `translate` function)."""
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import tensorflow as tf
 
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
+from seq2seq.cli import log
 
 
 def translate_lines(

@@ -23,16 +23,16 @@ from seq2seq import distribute
 from seq2seq.batching import filter_by_length, plan_batches
 from seq2seq.model import build_rnn_model
 from seq2seq.precision import describe_precision, precision_scope
-from seq2seq.text import DataError, Vocabulary, WordTokenizer
+from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import Trainer, average_checkpoints, restore_model_weights, sequence_batches
 from seq2seq.transformer import build_transformer_model
 from tasks.translation import data
 from tasks.translation.config import TranslationConfig
-from tasks.translation.inference import log, translate_lines  # noqa: F401  (translate_lines: part of this module's API)
+from seq2seq.cli import log
+from tasks.translation.inference import translate_lines  # noqa: F401  (part of this module's API)
 from tasks.translation.subword import SentencePieceTokenizer, sentencepiece_vocabulary, train_sentencepiece
 from tasks.translation.translator import Translator
 
-ENCODE_CHUNK = 4096
 
 
 def read_pairs(config, split):
@@ -51,25 +51,6 @@ def read_pairs(config, split):
     if d.tfds_name and d.tfds_valid_split:
         return data.load_tfds(d.tfds_name, d.tfds_valid_split, d.source_lang, d.target_lang, d.tfds_data_dir)
     return [], []
-
-
-def tokenize_all(tokenizer, texts):
-    """Token lists of every text, tokenized in-graph in chunks."""
-    tokens = []
-    for start in range(0, len(texts), ENCODE_CHUNK):
-        ragged = tokenizer.tokenize(tf.constant(texts[start : start + ENCODE_CHUNK]))
-        tokens.extend(ragged.to_list())
-    return tokens
-
-
-def encode_all(tokenizer, vocab, texts):
-    """Ragged int32 ids [N, None] of every text."""
-    parts = []
-    for start in range(0, len(texts), ENCODE_CHUNK):
-        parts.append(vocab.lookup_ids(tokenizer.tokenize(tf.constant(texts[start : start + ENCODE_CHUNK]))))
-    if not parts:
-        return tf.ragged.constant([], dtype=tf.int32, ragged_rank=1)
-    return tf.concat(parts, axis=0)
 
 
 class TranslationRun:
