@@ -259,6 +259,23 @@ class _Throughput(keras.callbacks.Callback):
             )
 
 
+class ValidationScore(keras.callbacks.Callback):
+    """At every checkpoint computes a validation score with `score()` -> (value, message),
+    prints the message and logs the value as `name` (what `monitor` can choose the best
+    weights and stop early on). Each task supplies its own score (sacreBLEU, BLEU-4)."""
+
+    def __init__(self, score, name="val_bleu"):
+        super().__init__()
+        self.score = score
+        self.name = name
+
+    def on_epoch_end(self, epoch, logs=None):
+        value, message = self.score()
+        if logs is not None:
+            logs[self.name] = value
+        print(message, file=sys.stderr, flush=True)
+
+
 class _StopAtStep(keras.callbacks.Callback):
     """Ends training at exactly `last_step`: the last checkpoint interval is shorter when
     `max_steps` is not a multiple of it (Keras still ends that interval: validation, checkpoint)."""

@@ -32,7 +32,7 @@ from seq2seq.encoders import Bridge
 from seq2seq.model import Seq2SeqModel
 from seq2seq.precision import describe_precision, precision_scope
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
-from seq2seq.training import PlannedBatches, Trainer, restore_model_weights
+from seq2seq.training import PlannedBatches, Trainer, ValidationScore, restore_model_weights
 from tasks.captioning import data, shapes
 from tasks.captioning.captioner import Captioner
 from tasks.captioning.config import BatchConfig, CaptionConfig, DataConfig, ModelConfig  # noqa: F401  (this module's API too)
@@ -319,24 +319,17 @@ def caption_images(model, pixels, beam_size=3, length_penalty=0.0, batch_size=32
     return concat_outputs(outputs)
 
 
-class BleuCallback(keras.callbacks.Callback):
-    """Greedy-captions the validation images at each checkpoint and logs corpus BLEU-4 as val_bleu."""
+def validation_bleu_callback(captioner, sources, references, batch_size=64):
+    """The `ValidationScore` of a captioning run: corpus BLEU-4 of greedy captions."""
+    function = tf.function(captioner.generate)
 
-    def __init__(self, captioner, sources, references, batch_size=64):
-        super().__init__()
-        self.captioner = captioner
-        self.function = tf.function(captioner.generate)
-        self.sources = sources
-        self.references = references
-        self.batch_size = batch_size
-
-    def on_epoch_end(self, epoch, logs=None):
-        out = caption_sources(self.captioner, self.sources, beam_size=1, batch_size=self.batch_size, function=self.function)
+    def score():
+        out = caption_sources(captioner, sources, beam_size=1, batch_size=batch_size, function=function)
         hypotheses = [c.decode("utf-8") for c in out["captions"]]
-        bleu = corpus_bleu_scores(hypotheses, self.references)["bleu_4"]
-        if logs is not None:
-            logs["val_bleu"] = bleu
-        log(f"validation BLEU-4 (greedy): {bleu:.4f}; e.g. {hypotheses[0]!r}")
+        bleu = corpus_bleu_scores(hypotheses, references)["bleu_4"]
+        return bleu, f"validation BLEU-4 (greedy): {bleu:.4f}; e.g. {hypotheses[0]!r}"
+
+    return ValidationScore(score)
 
 
 def train(config, validation_bleu=True):
@@ -401,7 +394,7 @@ def _train(config, validation_bleu=True, precision_note=None):
         if validation_bleu:
             grid = (image_encoder if m.cache_features else model.encoder).grid_size
             captioner = Captioner(model, run.vocab, run.tokenizer, m.image_size, grid, run.config.data.max_caption_length)
-            callbacks.append(BleuCallback(captioner, valid_sources, valid_set.captions))
+            callbacks.append(validation_bleu_callback(captioner, valid_sources, valid_set.captions))
     trainer.fit(batches, validation=validation, callbacks=callbacks)
     return run, model
 

@@ -24,7 +24,7 @@ from seq2seq.batching import filter_by_length, plan_batches
 from seq2seq.model import build_rnn_model
 from seq2seq.precision import describe_precision, precision_scope
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
-from seq2seq.training import Trainer, average_checkpoints, restore_model_weights, sequence_batches
+from seq2seq.training import Trainer, ValidationScore, average_checkpoints, restore_model_weights, sequence_batches
 from seq2seq.transformer import build_transformer_model
 from tasks.translation import data
 from tasks.translation.config import TranslationConfig
@@ -209,22 +209,15 @@ def make_batches(run, sources, targets, shuffle, report_name):
     return sequence_batches(source_ids, target_ids, plan, pad_to_multiple=b.pad_to_multiple)
 
 
-class BleuCallback(keras.callbacks.Callback):
-    """Greedy-decodes the validation sources at each checkpoint and logs sacreBLEU as val_bleu."""
+def validation_bleu_callback(translator, sources, references, batch_size=128):
+    """The `ValidationScore` of a translation run: sacreBLEU of greedy translations."""
 
-    def __init__(self, translator, sources, references, batch_size=128):
-        super().__init__()
-        self.translator = translator
-        self.sources = sources
-        self.references = references
-        self.batch_size = batch_size
+    def score():
+        hypotheses = translate_lines(translator, sources, beam_size=1, batch_size=batch_size)
+        bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
+        return bleu, f"validation BLEU (greedy): {bleu:.2f}"
 
-    def on_epoch_end(self, epoch, logs=None):
-        hypotheses = translate_lines(self.translator, self.sources, beam_size=1, batch_size=self.batch_size)
-        bleu = sacrebleu.corpus_bleu(hypotheses, [self.references]).score
-        if logs is not None:
-            logs["val_bleu"] = bleu
-        log(f"validation BLEU (greedy): {bleu:.2f}")
+    return ValidationScore(score)
 
 
 def train(config, validation_bleu=True, callbacks=()):
@@ -272,7 +265,7 @@ def _train(config, validation_bleu=True, callbacks=(), precision_note=None):
         trainer = Trainer(model, run.config.training, strategy)
     log(f"model: {model.count_params():,} parameters, precision {precision_note or config.training.precision}")
     if valid_sources and validation_bleu:
-        callbacks.append(BleuCallback(run.translator(model), valid_sources, valid_targets))
+        callbacks.append(validation_bleu_callback(run.translator(model), valid_sources, valid_targets))
     trainer.fit(batches, validation=validation, callbacks=callbacks)
     return run, model
 
