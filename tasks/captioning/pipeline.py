@@ -25,12 +25,12 @@ import numpy as np
 import tensorflow as tf
 
 from seq2seq import distribute
-from seq2seq.cli import log
 from seq2seq.batching import plan_batches
+from seq2seq.cli import log
 from seq2seq.decoders import AttentionDecoder
 from seq2seq.encoders import Bridge
 from seq2seq.model import Seq2SeqModel
-from seq2seq.precision import describe_precision, precision_scope
+from seq2seq.run import open_run, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import PlannedBatches, Trainer, ValidationScore, restore_model_weights
 from tasks.captioning import data, shapes
@@ -334,39 +334,27 @@ def validation_bleu_callback(captioner, sources, references, batch_size=64):
 
 def train(config, validation_bleu=True):
     """Trains (or resumes) the run in config.training.output_dir."""
-    requested = config.training.precision
-    with precision_scope(requested, verbose=False) as precision:
-        config.training.precision = precision
-        return _train(config, validation_bleu=validation_bleu, precision_note=describe_precision(requested, precision))
+    return train_under_precision(config, lambda config, note: _train(config, note, validation_bleu))
 
 
-def _train(config, validation_bleu=True, precision_note=None):
-    """`train` under its precision scope; `precision_note` describes it in the log."""
-    # First: a multi-worker strategy must be set up before TensorFlow runs any op.
+def _train(config, precision_note, validation_bleu):
     strategy = distribute.make_strategy(config.training.distribution)
-    chief = distribute.is_chief(strategy)
-    run_dir = Path(config.training.output_dir)
-    if chief:
-        existing = (run_dir / "config.yaml").is_file()
-        if existing:
-            log(f"{run_dir} holds a run: continuing it with its saved config and vocabulary")
-            run = CaptionRun.load(run_dir)
-            run.config.training = config.training
-            config = run.config
-        train_set, valid_set = read_split(config, "train"), read_split(config, "valid")
-        if not existing:
-            run = CaptionRun.create(config, train_set)
+    read = {}  # the training set, when creating the run read it already
+
+    def create():
+        read["train"] = read_split(config, "train")
+        return CaptionRun.create(config, read["train"])
+
+    def save_backbone(run):
         backbone_file = run.run_dir / BACKBONE_WEIGHTS_FILE
         if run.config.model.cache_features and not backbone_file.is_file():
             # The frozen backbone every worker and every later load computes features with.
             keras.utils.set_random_seed(run.config.training.seed)
             run.image_encoder().backbone.save_weights(backbone_file)
-    distribute.barrier(strategy)  # the other workers read the run dir once the chief has written it
-    if not chief:
-        distribute.check_chief_wrote(run_dir)
-        run = CaptionRun.load(run_dir)
-        run.config.training = config.training
-        train_set, valid_set = read_split(run.config, "train"), read_split(run.config, "valid")
+
+    run = open_run(config, strategy, CaptionRun.load, create, holds="vocabulary", prepare=save_backbone)
+    train_set = read["train"] if "train" in read else read_split(run.config, "train")
+    valid_set = read_split(run.config, "valid")
     log(
         f"train: {len(train_set)} images, {sum(map(len, train_set.captions))} captions; valid: "
         f"{len(valid_set) if valid_set else 0} images; vocabulary: {len(run.vocab)} tokens"
@@ -386,7 +374,7 @@ def _train(config, validation_bleu=True, precision_note=None):
         valid_sources = compute_features(image_encoder, valid_set.images) if valid_set else None
     else:
         train_sources, valid_sources = train_set.images, valid_set.images if valid_set else None
-    log(f"model: {model.count_params():,} parameters, precision {precision_note or config.training.precision}")
+    log(f"model: {model.count_params():,} parameters, precision {precision_note}")
     batches = make_batches(run, train_set, train_sources, shuffle=True, report_name="train")
     validation, callbacks = None, []
     if valid_set:

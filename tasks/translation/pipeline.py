@@ -21,14 +21,14 @@ import tensorflow as tf
 
 from seq2seq import distribute
 from seq2seq.batching import filter_by_length, plan_batches
+from seq2seq.cli import log
 from seq2seq.model import build_rnn_model
-from seq2seq.precision import describe_precision, precision_scope
+from seq2seq.run import open_run, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import Trainer, ValidationScore, average_checkpoints, restore_model_weights, sequence_batches
 from seq2seq.transformer import build_transformer_model
 from tasks.translation import data
 from tasks.translation.config import TranslationConfig
-from seq2seq.cli import log
 from tasks.translation.inference import translate_lines  # noqa: F401  (part of this module's API)
 from tasks.translation.subword import SentencePieceTokenizer, sentencepiece_vocabulary, train_sentencepiece
 from tasks.translation.translator import Translator
@@ -223,34 +223,17 @@ def validation_bleu_callback(translator, sources, references, batch_size=128):
 def train(config, validation_bleu=True, callbacks=()):
     """Trains (or resumes) the run in config.training.output_dir; `callbacks` are extra
     Keras callbacks for `fit` (e.g. a wall-clock budget)."""
-    requested = config.training.precision
-    with precision_scope(requested, verbose=False) as precision:
-        config.training.precision = precision
-        return _train(config, validation_bleu=validation_bleu, callbacks=callbacks, precision_note=describe_precision(requested, precision))
+    return train_under_precision(config, lambda config, note: _train(config, note, validation_bleu, callbacks))
 
 
-def _train(config, validation_bleu=True, callbacks=(), precision_note=None):
-    """`train` under its precision scope; `precision_note` describes it in the log."""
-    # First: a multi-worker strategy must be set up before TensorFlow runs any op.
+def _train(config, precision_note, validation_bleu, callbacks):
     strategy = distribute.make_strategy(config.training.distribution)
-    chief = distribute.is_chief(strategy)
     # The same initial weights on every run and worker. Seeded before any tokenizer exists:
     # seeding clears TF's eager kernel cache, which would free the SentencePiece op's model.
     keras.utils.set_random_seed(config.training.seed)
-    run_dir = Path(config.training.output_dir)
     train_sources, train_targets = read_pairs(config, "train")
     valid_sources, valid_targets = read_pairs(config, "valid")
-    if chief and (run_dir / "config.yaml").is_file():
-        log(f"{run_dir} holds a run: continuing it with its saved config and vocabularies")
-        run = TranslationRun.load(run_dir)
-        run.config.training = config.training
-    elif chief:
-        run = TranslationRun.create(config, train_sources, train_targets)
-    distribute.barrier(strategy)  # the other workers read the run dir once the chief has written it
-    if not chief:
-        distribute.check_chief_wrote(run_dir)
-        run = TranslationRun.load(run_dir)
-        run.config.training = config.training
+    run = open_run(config, strategy, TranslationRun.load, lambda: TranslationRun.create(config, train_sources, train_targets))
     log(
         f"train: {len(train_sources)} pairs; valid: {len(valid_sources)} pairs; "
         f"vocabularies: {len(run.source_vocab)} source, {len(run.target_vocab)} target tokens"
@@ -263,7 +246,7 @@ def _train(config, validation_bleu=True, callbacks=(), precision_note=None):
     with distribute.scope(strategy):
         model = run.build_model()
         trainer = Trainer(model, run.config.training, strategy)
-    log(f"model: {model.count_params():,} parameters, precision {precision_note or config.training.precision}")
+    log(f"model: {model.count_params():,} parameters, precision {precision_note}")
     if valid_sources and validation_bleu:
         callbacks.append(validation_bleu_callback(run.translator(model), valid_sources, valid_targets))
     trainer.fit(batches, validation=validation, callbacks=callbacks)
