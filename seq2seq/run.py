@@ -34,11 +34,16 @@ def open_run(config, strategy, load, create, holds="vocabularies", prepare=None)
     """
     chief = distribute.is_chief(strategy)
     run_dir = Path(config.training.output_dir)
+
+    def resumed():
+        run = load(run_dir)
+        run.config.training = config.training
+        return run
+
     if chief:
         if (run_dir / "config.yaml").is_file():
             log(f"{run_dir} holds a run: continuing it with its saved config and {holds}")
-            run = load(run_dir)
-            run.config.training = config.training
+            run = resumed()
         else:
             run = create()
         if prepare is not None:
@@ -46,6 +51,5 @@ def open_run(config, strategy, load, create, holds="vocabularies", prepare=None)
     distribute.barrier(strategy)
     if not chief:
         distribute.check_chief_wrote(run_dir)
-        run = load(run_dir)
-        run.config.training = config.training
+        run = resumed()
     return run

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 import tempfile
 import time
 import weakref
@@ -29,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from seq2seq import distribute, keras_compat
+from seq2seq.cli import log
 from seq2seq.losses import MaskedCrossEntropy, WarmupDecay
 from seq2seq.optimizers import FusedAdam
 from seq2seq.precision import CHOICES as PRECISION_CHOICES
@@ -251,11 +251,9 @@ class _Throughput(keras.callbacks.Callback):
         if logs is not None:
             logs["target_tokens_per_second"] = rate
         if self.verbose:
-            print(
+            log(
                 f"step {end_step}: target tokens/s: {rate:.0f} "
-                f"({tokens} target tokens in {end_step - self.start_step} steps, {self.end_time - self.start_time:.1f} s)",
-                file=sys.stderr,
-                flush=True,
+                f"({tokens} target tokens in {end_step - self.start_step} steps, {self.end_time - self.start_time:.1f} s)"
             )
 
 
@@ -273,7 +271,7 @@ class ValidationScore(keras.callbacks.Callback):
         value, message = self.score()
         if logs is not None:
             logs[self.name] = value
-        print(message, file=sys.stderr, flush=True)
+        log(message)
 
 
 class _StopAtStep(keras.callbacks.Callback):
@@ -429,10 +427,9 @@ class Trainer:
             model=self.model, optimizer=self.model.optimizer, chunk=self.chunk, best=self.best, bad_chunks=self.bad_chunks
         )
         legacy.restore(latest).assert_existing_objects_matched()
-        print(
+        log(
             f"warning: {latest} predates full-variable checkpoints: dropout random state and "
-            "normalization statistics start afresh",
-            file=sys.stderr,
+            "normalization statistics start afresh"
         )
         return latest
 

@@ -130,8 +130,10 @@ def heads_merged(dense, x):
     """x [batch, heads, time, head_dim] -> [batch, time, units]: a MultiHeadAttention's
     output projection (its EinsumDense `dense`)."""
     heads, head_dim, units = dense.kernel.shape
-    time = 1 if x.shape[2] == 1 else tf.shape(x)[2]
-    if x.shape[2] != 1:
+    if x.shape[2] == 1:  # one decoding step: no transpose needed
+        time = 1
+    else:
+        time = tf.shape(x)[2]
         x = tf.transpose(x, [0, 2, 1, 3])
     projected = _as_matrix_product(dense, tf.reshape(x, [-1, heads * head_dim]), [heads * head_dim, units])
     return tf.reshape(projected, [-1, time, units])

@@ -36,9 +36,7 @@ from seq2seq.training import PlannedBatches, Trainer, ValidationScore, restore_m
 from tasks.captioning import data, shapes
 from tasks.captioning.captioner import Captioner
 from tasks.captioning.config import BatchConfig, CaptionConfig, DataConfig, ModelConfig  # noqa: F401  (this module's API too)
-from tasks.captioning.encoder import (
-    ImageEncoder, compute_features, image_model_from_feature_model,
-)
+from tasks.captioning.encoder import ImageEncoder, compute_features, image_model_from_feature_model
 from tasks.captioning.evaluation import corpus_bleu_scores
 from tasks.captioning.images import ImageError, load_image, load_images
 
