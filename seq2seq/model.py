@@ -182,33 +182,15 @@ def build_rnn_model(
     start_id=2,
     end_id=3,
 ):
-    """An RNN encoder-decoder with attention for token-id sources (translation)."""
-    encoder = RNNEncoder(
-        cell_type=cell_type,
-        units=encoder_units or units,
-        num_layers=encoder_layers,
-        bidirectional=bidirectional,
-        merge_mode=merge_mode,
-        dropout=dropout,
-        vocab_size=source_vocab_size,
-        embedding_dim=embedding_dim,
-        name="encoder",
+    """An RNN encoder-decoder with attention for token-id sources: `factory.build_model` with
+    an rnn encoder (`encoder_units`, default units) and an rnn decoder (`units`)."""
+    from seq2seq.factory import ModelSpec, build_model
+
+    spec = ModelSpec(
+        cell_type=cell_type, units=units, encoder_units=encoder_units, embedding_dim=embedding_dim,
+        encoder_layers=encoder_layers, decoder_layers=decoder_layers, bidirectional=bidirectional,
+        merge_mode=merge_mode, attention=attention, attention_score=attention_score,
+        attention_normalize=attention_normalize, input_feeding=input_feeding, tie_embeddings=tie_embeddings,
+        dropout=dropout, bridge=bridge,
     )
-    decoder = AttentionDecoder(
-        target_vocab_size,
-        cell_type=cell_type,
-        units=units,
-        num_layers=decoder_layers,
-        attention=attention,
-        attention_score=attention_score,
-        attention_normalize=attention_normalize,
-        embedding_dim=embedding_dim,
-        input_feeding=input_feeding,
-        tie_embeddings=tie_embeddings,
-        dropout=dropout,
-        name="decoder",
-    )
-    bridge_layer = Bridge(cell_type, units, decoder_layers, kind=bridge, name="bridge")
-    model = Seq2SeqModel(encoder, decoder, bridge_layer, start_id=start_id, end_id=end_id)
-    model.build()
-    return model
+    return build_model(spec, target_vocab_size, source_vocab_size, start_id=start_id, end_id=end_id)

@@ -496,10 +496,6 @@ def bridge_for(decoder, kind="dense", name="bridge"):
     return Bridge(decoder.cell_type, decoder.units, decoder.num_layers, kind=kind, name=name)
 
 
-ENCODER_TYPES = ("transformer", "rnn")
-DECODER_TYPES = ("transformer", "rnn")
-
-
 def build_transformer_model(
     source_vocab_size,
     target_vocab_size,
@@ -534,39 +530,25 @@ def build_transformer_model(
     (cell_type, rnn_units or units, `attention`) after a Transformer encoder, started from
     the mean memory vector through Bridge(kind=bridge). A Transformer decoder gets `zero_bridge`.
     """
-    if encoder_type not in ENCODER_TYPES:
-        raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}")
-    if decoder_type not in DECODER_TYPES:
-        raise ValueError(f"decoder_type must be one of {DECODER_TYPES}, got {decoder_type!r}")
-    if source_vocab_size is None and not source_dim:
-        raise ValueError("give source_vocab_size for token sources or source_dim for vector sources")
-    encoder_layers = encoder_layers or num_layers
-    decoder_layers = decoder_layers or num_layers
+    from seq2seq.factory import ModelSpec, build_model
+
     rnn_units = rnn_units or units
+    transformer = {"num_heads": num_heads, "ffn_dim": ffn_dim, "positions": positions, "max_positions": max_length}
+    rnn = {"cell_type": cell_type}
+    fields = {"dropout": dropout, "units": units}
     if encoder_type == "transformer":
-        encoder = TransformerEncoder(
-            units=units, num_layers=encoder_layers, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
-            positions=positions, max_length=max_length, vocab_size=source_vocab_size, name="encoder",
-        )
+        fields.update(transformer)
     else:
-        encoder = RNNEncoder(
-            cell_type=cell_type, units=rnn_units, num_layers=encoder_layers, bidirectional=bidirectional,
-            dropout=dropout, vocab_size=source_vocab_size, name="encoder",
-        )
+        fields.update(rnn, encoder_units=rnn_units, bidirectional=bidirectional)
     if decoder_type == "transformer":
-        decoder = TransformerDecoder(
-            target_vocab_size, units=units, num_layers=decoder_layers, num_heads=num_heads, ffn_dim=ffn_dim,
-            dropout=dropout, positions=positions, max_length=max_length, tie_embeddings=tie_embeddings,
-            alignment_layer=alignment_layer, name="decoder",
-        )
+        fields.update(transformer, alignment_layer=alignment_layer, tie_embeddings=tie_embeddings)
     else:
-        decoder = AttentionDecoder(
-            target_vocab_size, cell_type=cell_type, units=rnn_units, num_layers=decoder_layers, attention=attention,
-            tie_embeddings=tie_embeddings, dropout=dropout, name="decoder",
-        )
-    source_shape = (None,) if source_vocab_size is not None else (None, source_dim)
-    model = Seq2SeqModel(
-        encoder, decoder, bridge_for(decoder, kind=bridge), source_shape=source_shape, start_id=start_id, end_id=end_id
+        fields.update(rnn, units=rnn_units, encoder_units=units if encoder_type == "transformer" else rnn_units,
+                      attention=attention, bridge=bridge, tie_embeddings=tie_embeddings)
+    spec = ModelSpec(
+        encoder_type=encoder_type, decoder_type=decoder_type, encoder_layers=encoder_layers or num_layers,
+        decoder_layers=decoder_layers or num_layers, **fields,
     )
-    model.build()
-    return model
+    return build_model(
+        spec, target_vocab_size, source_vocab_size, source_dim=source_dim, start_id=start_id, end_id=end_id,
+    )

@@ -343,3 +343,38 @@ def test_export_holds_only_stock_tf_ops(tiny_export):
 def test_export_refuses_an_existing_version(tiny_run, tiny_export, capsys):
     code, _, err = run_cli(capsys, "export", "--run-dir", tiny_run, "--output", tiny_export.parent, "--version", "1")
     assert code == 2 and "exists and is not empty" in err
+
+
+def test_transformer_decoder_over_image_features_trains_exports_and_captions(tmp_path, images, capsys):
+    """--decoder-type transformer over the CNN's grid, through the CLI: train, export, caption
+    with the export, and its attention over the grid is a distribution per output token."""
+    import tensorflow as tf
+
+    flags = ["--decoder-type", "transformer", "--decoder-layers", "2", "--num-heads", "2", "--encoder-units", "12"]
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *TINY_TRAIN, *flags, "--output-dir", run_dir)
+    assert code == 0, err
+    assert "model: " in err
+    code, _, err = run_cli(capsys, "export", "--run-dir", run_dir, "--output", tmp_path / "exported")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "caption", *images["good"], "--model", tmp_path / "exported", "--beam-size", "2")
+    assert code == 0, err
+    assert len(out.split("\n")[:-1]) == len(images["good"])
+    loaded = tf.saved_model.load(str(tmp_path / "exported" / "1"))
+    data = tf.constant([p.read_bytes() for p in images["good"]])
+    detailed = loaded.signatures["caption_with_attention"](images=data, beam_size=tf.constant(1))
+    attention, lengths = detailed["attention"].numpy(), detailed["lengths"].numpy()
+    assert attention.shape[-1] == 16
+    for row, length in zip(attention, lengths):
+        np.testing.assert_allclose(row[:length].sum(-1), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-bidirectional"], "model bidirectional does not apply to a cnn encoder with a rnn decoder"),
+    (["--decoder-type", "transformer", "--no-input-feeding"], "model input_feeding does not apply to a cnn encoder"),
+    (["--encoder-type", "rnn"], "model encoder_type must be one of ['cnn']"),
+])
+def test_model_fields_that_do_not_apply_are_one_line_errors(tmp_path, capsys, argv, message):
+    code, _, err = run_cli(capsys, "train", *TINY_TRAIN, *argv, "--output-dir", tmp_path / "run")
+    assert code == 2 and message in err, err
+    assert len(err.strip().split("\n")) == 1

@@ -3,6 +3,8 @@ decoder_type choose them, and train, translate, export and the serving signature
 
 import keras
 import numpy as np
+import re
+
 import pytest
 import tensorflow as tf
 import yaml
@@ -78,6 +80,36 @@ def test_mixed_models_train_and_translate(tmp_path, toy_corpus, capsys, encoder_
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="encoder_type must be one of"):
         ModelConfig(encoder_type="convolutional")
+
+
+def test_mixed_model_honours_every_rnn_decoder_field_and_sizes_each_part_from_its_own_field():
+    """A Transformer encoder with an RNN decoder: the decoder gets `units` and its attention,
+    input feeding and embedding fields; the encoder gets `encoder_units`."""
+    from seq2seq.factory import build_model
+
+    spec = ModelConfig(
+        encoder_type="transformer", decoder_type="rnn", units=16, encoder_units=16, num_heads=2, embedding_dim=8, decoder_layers=2,
+        input_feeding=False, attention_score="dot", attention_normalize=True, encoder_layers=1,
+    )
+    model = build_model(spec, 30, 40)
+    assert model.encoder.units == 16 and model.decoder.units == 16 and model.decoder.num_layers == 2
+    config = model.decoder.get_config()
+    assert config["input_feeding"] is False and config["embedding_dim"] == 8
+    assert config["attention_score"] == "dot" and config["attention_normalize"] is True
+    sized = build_model(ModelConfig(encoder_type="transformer", units=24, encoder_units=16, num_heads=2), 30, 40)
+    assert sized.encoder.units == 16 and sized.decoder.units == 24
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_heads": 8}, "model num_heads does not apply to a rnn encoder with a rnn decoder; remove it (it is read by: "
+                       "transformer encoder, transformer decoder)"),
+    ({"encoder_type": "transformer", "decoder_type": "transformer", "attention": "bahdanau"}, "model attention does not apply"),
+    ({"encoder_type": "transformer", "decoder_type": "transformer", "merge_mode": "sum"}, "model merge_mode does not apply"),
+    ({"encoder_type": "rnn", "decoder_type": "transformer", "input_feeding": False}, "model input_feeding does not apply"),
+])
+def test_a_field_the_chosen_parts_do_not_read_is_an_error_naming_it(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(**fields)
 
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])

@@ -3,6 +3,7 @@
 import dataclasses
 
 from seq2seq.config import SectionedConfig
+from seq2seq.factory import ModelSpec
 from seq2seq.training import TrainingConfig
 from tasks.captioning.encoder import BACKBONES, check_small_cnn_options
 
@@ -54,9 +55,16 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class ModelConfig:
-    """Image encoder (Show, Attend and Tell) and attention decoder; see tasks.captioning.encoder.ImageEncoder."""
+class ModelConfig(ModelSpec):
+    """Image encoder (Show, Attend and Tell: a CNN and a projection to `encoder_units`, default
+    units; see tasks.captioning.encoder.ImageEncoder) and a decoder, "rnn" (attention) or
+    "transformer" (seq2seq.factory.ModelSpec)."""
 
+    ENCODER_FIELDS = {"cnn": {"encoder_units"}}
+
+    encoder_type: str = "cnn"
+    attention: str = "bahdanau"
+    dropout: float = 0.0
     backbone: str = "small_cnn"
     backbone_weights: str | None = None
     fine_tune: bool | None = None
@@ -67,20 +75,12 @@ class ModelConfig:
     grid_positions: bool = False
     encoder_activation: str = "relu"
     encoder_dropout: float = 0.0
-    cell_type: str = "lstm"
-    units: int = 256
-    embedding_dim: int | None = None
-    decoder_layers: int = 1
-    attention: str = "bahdanau"
-    attention_score: str = "general"
-    input_feeding: bool = True
-    dropout: float = 0.0
-    bridge: str = "dense"
     # Off by default: on the shapes data it sent consecutive words of one object to different
     # cells and cut attention localisation (saved_models/shapes_captioner/COMMAND.md).
     attention_regularizer: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if self.backbone == "small_cnn" and self.backbone_weights == "imagenet":

@@ -27,9 +27,7 @@ import tensorflow as tf
 from seq2seq import distribute
 from seq2seq.batching import plan_batches
 from seq2seq.cli import log
-from seq2seq.decoders import AttentionDecoder
-from seq2seq.encoders import Bridge
-from seq2seq.model import Seq2SeqModel
+from seq2seq.factory import build_model
 from seq2seq.run import open_run, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import PlannedBatches, Trainer, ValidationScore, restore_model_weights
@@ -157,7 +155,7 @@ class CaptionRun:
         if (self.run_dir / BACKBONE_WEIGHTS_FILE).is_file():
             weights = str(self.run_dir / BACKBONE_WEIGHTS_FILE)
         return ImageEncoder(
-            m.backbone, image_size=m.image_size, units=m.units, weights=weights, trainable_backbone=m.fine_tune,
+            m.backbone, image_size=m.image_size, units=m.encoder_size, weights=weights, trainable_backbone=m.fine_tune,
             activation=m.encoder_activation, dropout=m.encoder_dropout, small_cnn_pools=m.small_cnn_pools,
             small_cnn_3x3_blocks=m.small_cnn_3x3_blocks, grid_positions=m.grid_positions, name="encoder",
         )
@@ -169,15 +167,9 @@ class CaptionRun:
         if encoder is None:
             encoder = self.image_encoder()
             source_shape = (m.image_size, m.image_size, 3)
-        decoder = AttentionDecoder(
-            len(self.vocab), cell_type=m.cell_type, units=m.units, num_layers=m.decoder_layers, attention=m.attention,
-            attention_score=m.attention_score, embedding_dim=m.embedding_dim, input_feeding=m.input_feeding,
-            dropout=m.dropout, name="decoder",
+        return build_model(
+            m, len(self.vocab), encoder=encoder, source_shape=source_shape, attention_regularizer=m.attention_regularizer
         )
-        bridge = Bridge(m.cell_type, m.units, m.decoder_layers, kind=m.bridge, name="bridge")
-        model = Seq2SeqModel(encoder, decoder, bridge, source_shape=source_shape, attention_regularizer=m.attention_regularizer)
-        model.build()
-        return model
 
     def build_feature_model(self, image_encoder):
         """A model on cached features whose encoder is `image_encoder`'s head (shared weights)."""

@@ -3,6 +3,7 @@
 import dataclasses
 
 from seq2seq.config import SectionedConfig
+from seq2seq.factory import ModelSpec
 from seq2seq.training import TrainingConfig
 
 
@@ -53,49 +54,9 @@ class TokenizationConfig:
             raise ValueError(f"tokenization scheme must be 'word' or 'sentencepiece', got {self.scheme!r}")
 
 
-ARCHITECTURES = ("rnn", "transformer")
-
-
 @dataclasses.dataclass
-class ModelConfig:
-    """The encoder-decoder. encoder_type / decoder_type "rnn" or "transformer" mix freely.
-
-    RNN fields: see seq2seq.model.build_rnn_model. With a Transformer part, `units` is the
-    Transformer model size, `encoder_units` the RNN size of a mixed model, and num_heads,
-    ffn_dim (default 4 * units), positions and max_positions configure the Transformer
-    (see seq2seq.transformer.build_transformer_model).
-    """
-
-    encoder_type: str = "rnn"
-    decoder_type: str = "rnn"
-    cell_type: str = "lstm"
-    units: int = 256
-    encoder_units: int | None = None
-    embedding_dim: int | None = None
-    encoder_layers: int = 1
-    decoder_layers: int = 1
-    bidirectional: bool = True
-    merge_mode: str = "concat"
-    attention: str = "luong"
-    attention_score: str = "general"
-    attention_normalize: bool = False
-    input_feeding: bool = True
-    tie_embeddings: bool = False
-    dropout: float = 0.2
-    bridge: str = "dense"
-    num_heads: int = 4
-    ffn_dim: int | None = None
-    positions: str = "sinusoidal"
-    max_positions: int = 512
-
-    def __post_init__(self):
-        for name in ("encoder_type", "decoder_type"):
-            if getattr(self, name) not in ARCHITECTURES:
-                raise ValueError(f"model {name} must be one of {list(ARCHITECTURES)}, got {getattr(self, name)!r}")
-
-    @property
-    def is_rnn(self):
-        return self.encoder_type == self.decoder_type == "rnn"
+class ModelConfig(ModelSpec):
+    """The encoder-decoder over source and target tokens (seq2seq.factory.ModelSpec)."""
 
 
 @dataclasses.dataclass

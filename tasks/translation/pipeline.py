@@ -22,11 +22,10 @@ import tensorflow as tf
 from seq2seq import distribute
 from seq2seq.batching import filter_by_length, plan_batches
 from seq2seq.cli import log
-from seq2seq.model import build_rnn_model
+from seq2seq.factory import build_model
 from seq2seq.run import open_run, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import Trainer, ValidationScore, average_checkpoints, restore_model_weights, sequence_batches
-from seq2seq.transformer import build_transformer_model
 from tasks.translation import data
 from tasks.translation.config import TranslationConfig
 from tasks.translation.inference import translate_lines  # noqa: F401  (part of this module's API)
@@ -109,47 +108,7 @@ class TranslationRun:
         return cls(run_dir, config, *tokenizers, *vocabs)
 
     def build_model(self):
-        m = self.config.model
-        if not m.is_rnn:
-            return build_transformer_model(
-                len(self.source_vocab),
-                len(self.target_vocab),
-                encoder_layers=m.encoder_layers,
-                decoder_layers=m.decoder_layers,
-                units=m.units,
-                num_heads=m.num_heads,
-                ffn_dim=m.ffn_dim,
-                dropout=m.dropout,
-                positions=m.positions,
-                max_length=m.max_positions,
-                tie_embeddings=m.tie_embeddings,
-                encoder_type=m.encoder_type,
-                decoder_type=m.decoder_type,
-                cell_type=m.cell_type,
-                rnn_units=m.encoder_units,
-                bidirectional=m.bidirectional,
-                attention=m.attention,
-                bridge=m.bridge,
-            )
-        return build_rnn_model(
-            len(self.source_vocab),
-            len(self.target_vocab),
-            cell_type=m.cell_type,
-            units=m.units,
-            encoder_units=m.encoder_units,
-            embedding_dim=m.embedding_dim,
-            encoder_layers=m.encoder_layers,
-            decoder_layers=m.decoder_layers,
-            bidirectional=m.bidirectional,
-            merge_mode=m.merge_mode,
-            attention=m.attention,
-            attention_score=m.attention_score,
-            attention_normalize=m.attention_normalize,
-            input_feeding=m.input_feeding,
-            tie_embeddings=m.tie_embeddings,
-            dropout=m.dropout,
-            bridge=m.bridge,
-        )
+        return build_model(self.config.model, len(self.target_vocab), len(self.source_vocab))
 
     def translator(self, model, replace_unknown=False):
         return Translator(
