@@ -65,7 +65,9 @@ def main(argv=None):
 
     from tasks.translation import data
     from tasks.translation.config import TranslationConfig
-    from tasks.translation.pipeline import TranslationRun, corpus_scores, train, translate_lines
+    from tasks.translation.evaluation import corpus_scores
+    from tasks.translation.inference import translate_lines
+    from tasks.translation.pipeline import TranslationRun, train
 
     values = yaml.safe_load(Path(args.recipe).read_text()) or {}
     values.setdefault("training", {})["output_dir"] = str(output_dir)

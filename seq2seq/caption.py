@@ -70,7 +70,7 @@ def command_train(args):
 
 
 def command_caption(args):
-    from tasks.captioning.pipeline import caption_images
+    from tasks.captioning.inference import caption_images
 
     paths = args.images if args.images else [line.strip() for line in cli.read_input_lines(args.input) if line.strip()]
     if not paths:
@@ -97,7 +97,7 @@ def command_caption(args):
 
 def evaluation_set(args, image_size):
     from tasks.captioning import data
-    from tasks.captioning.pipeline import examples_set, shapes_test_set
+    from tasks.captioning.data import examples_set, shapes_test_set
 
     chosen = [args.shapes_test is not None, bool(args.karpathy_json), bool(args.tsv), bool(args.tfds_split)]
     if sum(chosen) != 1:
@@ -124,7 +124,7 @@ def evaluation_set(args, image_size):
 
 def command_evaluate(args):
     from tasks.captioning.evaluation import attention_localisation, corpus_bleu_scores
-    from tasks.captioning.pipeline import caption_images
+    from tasks.captioning.inference import caption_images
 
     model = resolve_model(args.model, args.weights)
     info = model_info(model)

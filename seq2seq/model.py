@@ -7,8 +7,6 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq import decoding
-from seq2seq.decoders import AttentionDecoder
-from seq2seq.encoders import Bridge, RNNEncoder
 
 SEARCHES = ("greedy", "beam", "sample")
 

@@ -1,4 +1,5 @@
-"""The run lifecycle both tasks train through: the precision, and who writes the run directory.
+"""The run lifecycle both tasks go through: the precision, who writes the run directory, the
+trained weights a run or an export holds, and writing an export.
 
 A task's `train(config)` is `train_under_precision(config, its_train)`; its own training
 function makes the `tf.distribute` strategy first thing (a multi-worker strategy must exist
@@ -9,9 +10,14 @@ the chief has written it.
 
 from pathlib import Path
 
+import tensorflow as tf
+
 from seq2seq import distribute
 from seq2seq.cli import log
+from seq2seq.errors import DataError
+from seq2seq.model import quantize_weights
 from seq2seq.precision import describe_precision, precision_scope
+from seq2seq.training import average_checkpoints, restore_model_weights
 
 
 def train_under_precision(config, train):
@@ -53,3 +59,62 @@ def open_run(config, strategy, load, create, holds="vocabularies", prepare=None)
         distribute.check_chief_wrote(run_dir)
         run = resumed()
     return run
+
+
+def load_trained_weights(model, run_dir, weights="best", average_last=None):
+    """Loads a run's trained weights into `model`: "best" (best.weights.h5, else the last
+    checkpoint), "last" (the last checkpoint), or the average of the last `average_last`."""
+    run_dir = Path(run_dir)
+    checkpoints = tf.train.get_checkpoint_state(str(run_dir / "checkpoints"))
+    paths = list(checkpoints.all_model_checkpoint_paths) if checkpoints else []
+    if average_last:
+        if not paths:
+            raise DataError(f"{run_dir}: no checkpoints to average")
+        average_checkpoints(model, paths[-average_last:])
+    elif weights == "best" and (run_dir / "best.weights.h5").is_file():
+        model.load_weights(run_dir / "best.weights.h5")
+    elif paths:
+        restore_model_weights(model, paths[-1])
+    else:
+        raise DataError(f"{run_dir}: no trained weights yet (no best.weights.h5 and no checkpoint)")
+    return model
+
+
+def save_export(module, export_dir, signatures, config):
+    """Writes `module` as a SavedModel with `signatures` into the new or empty `export_dir`,
+    with the run's config in assets.extra/config.yaml; returns assets.extra for the task's
+    own files (vocabularies, tokenizer models)."""
+    export_dir = Path(export_dir)
+    if export_dir.exists() and any(export_dir.iterdir()):
+        raise DataError(f"{export_dir} exists and is not empty; choose a new version number")
+    tf.saved_model.save(module, str(export_dir), signatures=signatures)
+    extra = export_dir / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    config.save(extra / "config.yaml")
+    return extra
+
+
+def restore_exported_weights(model, export_dir):
+    """Assigns the weights of a SavedModel this toolkit exported (its `model_variables`) to
+    `model`, built from the export's config, checking that every weight's shape and dtype
+    match. An int8 export's values go to a quantized model unchanged."""
+    saved = _weights(tf.saved_model.load(str(export_dir)).model_variables)
+    if any(variable.dtype == tf.int8 for variable in saved):
+        quantize_weights(model)
+    variables = _weights(model.variables)
+    if len(saved) != len(variables):
+        raise DataError(f"{export_dir}: {len(saved)} weights, but its config builds a model with {len(variables)}")
+    for variable, value in zip(variables, saved):
+        if tuple(variable.shape) != tuple(value.shape) or variable.dtype != value.dtype.name:
+            raise DataError(
+                f"{export_dir}: weight {variable.path} is {value.dtype.name}{list(value.shape)} in the export, "
+                f"{variable.dtype}{list(variable.shape)} in the model its config builds"
+            )
+        variable.assign(value)
+    return model
+
+
+def _weights(variables):
+    """The variables that hold weights: random-generator states (of dropout layers, which
+    differ between versions and do nothing at inference) left out."""
+    return [variable for variable in variables if "seed_generator_state" not in variable.name]

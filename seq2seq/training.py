@@ -567,15 +567,19 @@ def _pad_time(x, multiple):
     return tf.pad(x, paddings)
 
 
-def sequence_batches(sources, targets, plan_fn, start_id=2, end_id=3, pad_to_multiple=1):
+def sequence_batches(sources, targets, plan_fn, start_id=2, end_id=3, pad_to_multiple=1, source_index=None):
     """PlannedBatches for teacher forcing.
 
-    sources: a tf.RaggedTensor of token ids [num_examples, None] (padded with 0 in a batch),
-    or a dense tensor [num_examples, ...] (e.g. image features); targets: a tf.RaggedTensor
-    of token ids [num_examples, None] without start/end tokens. Batches are
+    sources: a tf.RaggedTensor of token ids [num_sources, None] (padded with 0 in a batch),
+    or a dense tensor [num_sources, ...] (e.g. images or image features); targets: a
+    tf.RaggedTensor of token ids [num_examples, None] without start/end tokens; source_index:
+    int [num_examples], the source row of each example (default: row i for example i), so
+    that an image with five captions is stored once. Batches are
     ({"source", "target_in": <s> y}, target_out: y </s>).
     """
     targets = tf.cast(targets, tf.int32)
+    if source_index is not None:
+        source_index = tf.constant(np.asarray(source_index, np.int64))
 
     def make_batch(indices):
         target = tf.gather(targets, indices)  # ragged [batch, None]
@@ -583,7 +587,7 @@ def sequence_batches(sources, targets, plan_fn, start_id=2, end_id=3, pad_to_mul
         ends = tf.fill([tf.shape(indices)[0], 1], end_id)
         target_in = _pad_time(tf.concat([starts, target], axis=1).to_tensor(0), pad_to_multiple)
         target_out = _pad_time(tf.concat([target, ends], axis=1).to_tensor(0), pad_to_multiple)
-        source = tf.gather(sources, indices)
+        source = tf.gather(sources, indices if source_index is None else tf.gather(source_index, indices))
         if isinstance(source, tf.RaggedTensor):
             source = _pad_time(source.to_tensor(0), pad_to_multiple)
         return {"source": source, "target_in": target_in}, target_out

@@ -32,9 +32,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from seq2seq.decoders import AttentionDecoder, tied_logits
-from seq2seq.encoders import Bridge, RNNEncoder
-from seq2seq.model import Seq2SeqModel
+from seq2seq.decoders import tied_logits
+from seq2seq.encoders import Bridge
 from seq2seq.precision import Dense, Dropout
 
 POSITION_KINDS = ("sinusoidal", "learned")

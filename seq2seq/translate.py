@@ -102,7 +102,7 @@ def command_translate(args):
 
 def command_evaluate(args):
     from tasks.translation.inference import translate_lines
-    from tasks.translation.pipeline import corpus_scores
+    from tasks.translation.evaluation import corpus_scores
 
     references = cli.read_input_lines(args.references)
     if args.hypotheses:

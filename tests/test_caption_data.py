@@ -239,7 +239,8 @@ def test_caption_batches_sort_by_length_only_for_a_frozen_backbone_by_default(tm
     from seq2seq.training import TrainingConfig
     from tasks.captioning import shapes
     from tasks.captioning.config import BatchConfig, CaptionConfig, DataConfig, ModelConfig
-    from tasks.captioning.pipeline import CaptionRun, make_batches, shapes_set
+    from tasks.captioning.data import shapes_set
+    from tasks.captioning.pipeline import CaptionRun, make_batches
 
     config = CaptionConfig(
         data=DataConfig(shapes_train=60),

@@ -4,7 +4,8 @@ Readers for the Karpathy split JSON (Flickr8k, Flickr30k, COCO), for plain
 `image<TAB>caption` files, and for TFDS `coco_captions`. Every reader keeps all reference
 captions of an image together (BLEU and CIDEr need them) and validates before training
 starts: an empty file or captions pointing at missing images raise a DataError that
-names the file; blank captions are dropped with a count.
+names the file; blank captions are dropped with a count. `read_split` turns a run's data
+config into a CaptionSet: the images loaded at the model's size, with their captions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from typing import Literal
 
 import numpy as np
 
+from seq2seq.cli import log
 from seq2seq.errors import DataError  # noqa: F401  (raised here; imported from here by callers)
+from tasks.captioning import shapes
+from tasks.captioning.images import ImageError, load_image, load_images
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 MISSING_SHOWN = 5
@@ -249,3 +253,85 @@ def check_images_exist(
     if not kept:
         raise DataError(f"{source}: every image referenced by captions is missing")
     return kept
+
+
+@dataclass
+class CaptionSet:
+    """Images [N, S, S, 3] uint8 with all captions of each; `scenes` for the synthetic data (boxes)."""
+
+    images: np.ndarray
+    captions: list[list[str]]
+    image_ids: list[str]
+    scenes: list | None = None
+
+    def __len__(self):
+        return len(self.captions)
+
+
+def shapes_set(scenes):
+    images = np.stack([scene.image for scene in scenes]) if scenes else np.zeros((0, 0, 0, 3), np.uint8)
+    return CaptionSet(images, [scene.captions for scene in scenes], [str(i) for i in range(len(scenes))], scenes)
+
+
+def shapes_test_set(count, seed, image_size):
+    """The synthetic evaluation split: make_splits(0, 0, count, seed)["test"], from its own seed."""
+    return shapes_set(shapes.make_splits(0, 0, count, seed, image_size)["test"])
+
+
+def examples_set(examples, image_size, on_error, source):
+    """Loads and resizes the image of every CaptionExample; bad image files are skipped with a count or raise."""
+    size = (image_size, image_size)
+    paths = [example for example in examples if not isinstance(example.image, str)]
+    if not paths:
+        images, kept, _ = load_images([example.image for example in examples], size=size, on_error=on_error, warn=log)
+        kept = set(kept)
+        examples = [example for example in examples if example.image in kept]
+    else:  # encoded bytes (TFDS)
+        arrays, kept_examples, failures = [], [], 0
+        for example in examples:
+            try:
+                arrays.append(load_image(example.image, size=size, name=f"{source} image {example.image_id}"))
+                kept_examples.append(example)
+            except ImageError as error:
+                if on_error == "raise":
+                    raise
+                failures += 1
+                log(f"warning: skipping image: {error}")
+        if failures:
+            log(f"skipped {failures} of {len(examples)} images")
+        images = np.stack(arrays) if arrays else np.zeros((0, *size, 3), np.uint8)
+        examples = kept_examples
+    if not examples:
+        raise DataError(f"{source}: none of the images could be read")
+    return CaptionSet(images, [example.captions for example in examples], [example.image_id for example in examples])
+
+
+def read_split(config, split):
+    """The CaptionSet of split "train" or "valid" (None when there is no validation data)."""
+    d, size = config.data, config.model.image_size
+    if d.shapes_train is not None:
+        count = d.shapes_train if split == "train" else d.shapes_val
+        if not count:
+            return None
+        splits = shapes.make_splits(count if split == "train" else 0, count if split == "valid" else 0, 0, d.shapes_seed, size)
+        return shapes_set(splits["train" if split == "train" else "val"])
+    if d.karpathy_json:
+        name = "train" if split == "train" else "val"
+        try:
+            examples = read_karpathy_json(d.karpathy_json, d.image_folder, name, on_missing=d.on_missing, warn=log)
+        except DataError as error:
+            if split == "valid" and "no images in split" in str(error):
+                return None
+            raise
+        return examples_set(examples, size, d.on_error, d.karpathy_json)
+    if d.train_tsv:
+        path = d.train_tsv if split == "train" else d.valid_tsv
+        if not path:
+            return None
+        examples = read_caption_tsv(path, d.image_folder, on_missing=d.on_missing, warn=log)
+        return examples_set(examples, size, d.on_error, path)
+    tfds_split = d.tfds_train_split if split == "train" else d.tfds_valid_split
+    if not tfds_split:
+        return None
+    examples = list(load_tfds_coco(tfds_split, d.tfds_data_dir, max_examples=d.tfds_max_examples, warn=log))
+    return examples_set(examples, size, d.on_error, f"coco_captions[{tfds_split}]")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tasks.captioning.data import DataError
+from seq2seq.errors import DataError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),

@@ -23,13 +23,15 @@ from seq2seq import distribute
 from seq2seq.batching import filter_by_length, plan_batches
 from seq2seq.cli import log
 from seq2seq.factory import build_model
-from seq2seq.run import open_run, train_under_precision
+from seq2seq.run import load_trained_weights, open_run, restore_exported_weights, save_export, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
-from seq2seq.training import Trainer, ValidationScore, average_checkpoints, restore_model_weights, sequence_batches
+from seq2seq.training import Trainer, ValidationScore, sequence_batches
 from tasks.translation import data
 from tasks.translation.config import TranslationConfig
 from tasks.translation.inference import translate_lines  # noqa: F401  (part of this module's API)
-from tasks.translation.subword import SentencePieceTokenizer, sentencepiece_vocabulary, train_sentencepiece
+from tasks.translation.subword import (
+    SentencePieceTokenizer, sentencepiece_models_in_graph, sentencepiece_vocabulary, train_sentencepiece,
+)
 from tasks.translation.translator import Translator
 
 
@@ -123,20 +125,7 @@ class TranslationRun:
 
     def load_model(self, weights="best", average_last=None):
         """The trained model: "best" weights, the "last" checkpoint, or the average of the last N checkpoints."""
-        model = self.build_model()
-        checkpoints = tf.train.get_checkpoint_state(str(self.run_dir / "checkpoints"))
-        paths = list(checkpoints.all_model_checkpoint_paths) if checkpoints else []
-        if average_last:
-            if not paths:
-                raise DataError(f"{self.run_dir}: no checkpoints to average")
-            average_checkpoints(model, paths[-average_last:])
-        elif weights == "best" and (self.run_dir / "best.weights.h5").is_file():
-            model.load_weights(self.run_dir / "best.weights.h5")
-        elif paths:
-            restore_model_weights(model, paths[-1])
-        else:
-            raise DataError(f"{self.run_dir}: no trained weights yet (no best.weights.h5 and no checkpoint)")
-        return model
+        return load_trained_weights(self.build_model(), self.run_dir, weights, average_last)
 
 
 def make_batches(run, sources, targets, shuffle, report_name):
@@ -216,22 +205,16 @@ def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unkn
     """Writes a SavedModel with `serving_default` (texts -> translations, scores; beam search
     inside) and `translate` (texts, beam_size, n_best, length_penalty -> everything)."""
     translator = run.translator(model, replace_unknown=replace_unknown)
-    export_dir = Path(export_dir)
-    if export_dir.exists() and any(export_dir.iterdir()):
-        raise DataError(f"{export_dir} exists and is not empty; choose a new version number")
     signatures = {
         "serving_default": translator.serving_function(beam_size, length_penalty),
         "translate": translator.translate,
     }
-    tf.saved_model.save(translator, str(export_dir), signatures=signatures)
-    extra = export_dir / "assets.extra"
-    extra.mkdir(exist_ok=True)
-    run.config.save(extra / "config.yaml")
+    extra = save_export(translator, export_dir, signatures, run.config)
     for side, tokenizer, vocab in (("source", run.source_tokenizer, run.source_vocab), ("target", run.target_tokenizer, run.target_vocab)):
         vocab.save(extra / f"{side}.vocab")
         if isinstance(tokenizer, SentencePieceTokenizer):
             tokenizer.save(extra / f"{side}.spm")
-    return export_dir
+    return Path(export_dir)
 
 
 def load_export(export_dir):
@@ -248,77 +231,10 @@ def load_export(export_dir):
     config = TranslationConfig.load(extra / "config.yaml")
     carried = all((extra / f"{side}.spm").is_file() for side in ("source", "target"))
     if config.tokenization.scheme == "sentencepiece" and not carried:
-        models = _sentencepiece_models_in_graph(export_dir)
+        models = sentencepiece_models_in_graph(export_dir)
         tokenizers = [SentencePieceTokenizer(models[side]) for side in ("source", "target")]
         vocabs = [sentencepiece_vocabulary(models[side]) for side in ("source", "target")]
         run = TranslationRun(export_dir, config, *tokenizers, *vocabs)
     else:
         run = TranslationRun.from_files(export_dir, extra, config)
-    saved = _weights(tf.saved_model.load(str(export_dir)).model_variables)
-    model = run.build_model()
-    if any(variable.dtype == tf.int8 for variable in saved):
-        from seq2seq.model import quantize_weights
-
-        quantize_weights(model)
-    variables = _weights(model.variables)
-    if len(saved) != len(variables):
-        raise DataError(f"{export_dir}: {len(saved)} weights, but its config builds a model with {len(variables)}")
-    for variable, value in zip(variables, saved):
-        if tuple(variable.shape) != tuple(value.shape) or variable.dtype != value.dtype.name:
-            raise DataError(
-                f"{export_dir}: weight {variable.path} is {value.dtype.name}{list(value.shape)} in the export, "
-                f"{variable.dtype}{list(variable.shape)} in the model its config builds"
-            )
-        variable.assign(value)
-    return run, model
-
-
-def _weights(variables):
-    """The variables that hold weights: random-generator states (of dropout layers, which
-    differ between versions and do nothing at inference) left out."""
-    return [variable for variable in variables if "seed_generator_state" not in variable.name]
-
-
-def _sentencepiece_models_in_graph(export_dir):
-    """{"source": bytes, "target": bytes}: the SentencePiece models in a SavedModel's graph,
-    found through its object graph (root.source_tokenizer._tokenizer._model_resource)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((Path(export_dir) / "saved_model.pb").read_bytes())
-    graph = saved_model.meta_graphs[0]
-    nodes = graph.object_graph_def.nodes
-    functions = {function.signature.name: function for function in graph.graph_def.library.function}
-
-    def child(node_id, name):
-        for reference in nodes[node_id].children:
-            if reference.local_name == name:
-                return reference.node_id
-        raise DataError(f"{export_dir}: no SentencePiece model found in the graph (missing {name!r})")
-
-    models = {}
-    for side in ("source", "target"):
-        resource = child(child(child(0, f"{side}_tokenizer"), "_tokenizer"), "_model_resource")
-        creator = nodes[child(resource, "_create_resource")].function.concrete_functions[0]
-        found = [node.attr["model"].s for node in functions[creator].node_def if node.op == "SentencepieceOp"]
-        if not found:
-            raise DataError(f"{export_dir}: no SentencePiece model found in the graph of the {side} tokenizer")
-        models[side] = found[0]
-    return models
-
-
-def corpus_scores(hypotheses, references):
-    """sacreBLEU (cased, 13a) and chrF with their signatures."""
-    bleu = sacrebleu.metrics.BLEU()
-    chrf = sacrebleu.metrics.CHRF()
-    bleu_score = bleu.corpus_score(hypotheses, [references])
-    chrf_score = chrf.corpus_score(hypotheses, [references])
-    return {
-        "bleu": round(bleu_score.score, 2),
-        "chrf": round(chrf_score.score, 2),
-        "bleu_signature": str(bleu.get_signature()),
-        "chrf_signature": str(chrf.get_signature()),
-        "bleu_detail": str(bleu_score),
-        "sentences": len(hypotheses),
-    }
-
+    return run, restore_exported_weights(run.build_model(), export_dir)

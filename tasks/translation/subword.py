@@ -74,3 +74,31 @@ class SentencePieceTokenizer(tf.Module):
         """Ragged string pieces [N, None] -> strings [N]."""
         joined = tf.strings.reduce_join(tokens, axis=1)
         return tf.strings.strip(tf.strings.regex_replace(joined, WORD_BOUNDARY, " "))
+
+
+def sentencepiece_models_in_graph(export_dir):
+    """{"source": bytes, "target": bytes}: the SentencePiece models in a SavedModel's graph,
+    found through its object graph (root.source_tokenizer._tokenizer._model_resource)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((Path(export_dir) / "saved_model.pb").read_bytes())
+    graph = saved_model.meta_graphs[0]
+    nodes = graph.object_graph_def.nodes
+    functions = {function.signature.name: function for function in graph.graph_def.library.function}
+
+    def child(node_id, name):
+        for reference in nodes[node_id].children:
+            if reference.local_name == name:
+                return reference.node_id
+        raise DataError(f"{export_dir}: no SentencePiece model found in the graph (missing {name!r})")
+
+    models = {}
+    for side in ("source", "target"):
+        resource = child(child(child(0, f"{side}_tokenizer"), "_tokenizer"), "_model_resource")
+        creator = nodes[child(resource, "_create_resource")].function.concrete_functions[0]
+        found = [node.attr["model"].s for node in functions[creator].node_def if node.op == "SentencepieceOp"]
+        if not found:
+            raise DataError(f"{export_dir}: no SentencePiece model found in the graph of the {side} tokenizer")
+        models[side] = found[0]
+    return models
