@@ -74,19 +74,9 @@ def plan_batches(
         A list of int64 index arrays; every index appears in exactly one batch.
     """
     lengths = _as_lengths(lengths, "lengths")
-    if (batch_size is None) == (max_tokens is None):
-        raise ValueError("give exactly one of batch_size and max_tokens")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    if bucket_width is not None and bucket_width < 1:
-        raise ValueError(f"bucket_width must be positive, got {bucket_width}")
-    if chunk_batches < 1:
-        raise ValueError(f"chunk_batches must be positive, got {chunk_batches}")
+    _check_plan_arguments(batch_size, max_tokens, bucket_width, chunk_batches)
     if lengths.size == 0:
         return []
-
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(lengths.size) if shuffle else np.arange(lengths.size)  # [num_examples]
 
@@ -110,6 +100,15 @@ def plan_batches(
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return [batch.astype(np.int64) for batch in batches]
+
+
+def _check_plan_arguments(batch_size, max_tokens, bucket_width, chunk_batches):
+    if (batch_size is None) == (max_tokens is None):
+        raise ValueError("give exactly one of batch_size and max_tokens")
+    for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("bucket_width", bucket_width),
+                        ("chunk_batches", chunk_batches)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
 
 
 def padding_fraction(lengths, batches) -> float:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from seq2seq import cli
+from seq2seq.config import is_run_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = PROJECT_ROOT / "saved_models" / "shapes_captioner"
@@ -19,14 +20,14 @@ def resolve_model(path, weights="best"):
     from tasks.captioning.pipeline import CaptionRun
 
     path = cli.model_path(path)
-    if weights != "best" and not (path / "config.yaml").is_file():
+    if weights != "best" and not is_run_dir(path):
         raise cli.CommandError("--weights needs --model to be a run directory")
     if (path / "saved_model.pb").is_file():
         model = tf.saved_model.load(str(path))
         if not hasattr(model, "caption") or not hasattr(model, "info"):
             raise cli.CommandError(f"{path}: not a captioning SavedModel (no caption function)")
         return model
-    if (path / "config.yaml").is_file():
+    if is_run_dir(path):
         run = CaptionRun.load(path)
         return run.captioner(run.load_model(weights=weights))
     raise cli.CommandError(f"{path}: neither a SavedModel nor a run directory")
@@ -167,22 +168,15 @@ def add_model_flags(parser):
 
 
 def build_parser():
-    from seq2seq.training import TrainingConfig
-    from tasks.captioning.config import BatchConfig, DataConfig, ModelConfig
+    from tasks.captioning.config import CaptionConfig
 
     parser = argparse.ArgumentParser(prog="python -m seq2seq.caption", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = commands.add_parser("train", help="train a model (resumes when the output dir holds a run)",
-                                description="Train a captioning model from a YAML config and/or flags. Data: the built-in "
-                                "synthetic shapes (--shapes-train N), a Karpathy split JSON with --image-folder, TSV files "
-                                "(image<TAB>caption) or TFDS coco_captions. Started again on the same --output-dir, it "
-                                "resumes from the last checkpoint.")
-    train.add_argument("--config", help="YAML config with sections data, model, batching, training")
-    train.add_argument("--no-validation-bleu", action="store_true", help="skip greedy validation BLEU-4 at each checkpoint")
-    for name, section in (("data", DataConfig), ("model", ModelConfig), ("batching", BatchConfig), ("training", TrainingConfig)):
-        cli.add_dataclass_flags(train, name, section)
-    train.set_defaults(handler=command_train)
+    cli.add_train_command(
+        commands, CaptionConfig, "Train a captioning model from a YAML config and/or flags. Data: the built-in synthetic "
+        "shapes (--shapes-train N), a Karpathy split JSON with --image-folder, TSV files (image<TAB>caption) or TFDS "
+        "coco_captions.", command_train, "BLEU-4",
+    )
 
     caption = commands.add_parser("caption", help="caption image files given as arguments, a file of paths, or stdin",
                                   description="Caption images: file paths as arguments, --input FILE (one path a line) or "

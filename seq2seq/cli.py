@@ -52,6 +52,20 @@ def add_dataclass_flags(parser, section_name, section_class, skip=()):
             group.add_argument(flag_name(field.name), dest=dest, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
 
 
+def add_train_command(commands, config_class, description, handler, metric):
+    """The `train` subcommand of a task: --config YAML, --no-validation-bleu, and one flag per
+    field of every section of `config_class` (a SectionedConfig)."""
+    train = commands.add_parser("train", help="train a model (resumes when the output dir holds a run)",
+                                description=f"{description} Started again on the same --output-dir, it resumes from "
+                                "the last checkpoint.")
+    train.add_argument("--config", help=f"YAML config with sections {', '.join(config_class.SECTIONS)}")
+    train.add_argument("--no-validation-bleu", action="store_true", help=f"skip greedy validation {metric} at each checkpoint")
+    for name, section in config_class.SECTIONS.items():
+        add_dataclass_flags(train, name, section)
+    train.set_defaults(handler=handler)
+    return train
+
+
 def flag_overrides(args):
     """{"section": {"field": value}} for every flag the user set."""
     overrides = {}

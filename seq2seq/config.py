@@ -7,6 +7,12 @@ import yaml
 
 from seq2seq.errors import DataError
 
+RUN_CONFIG = "config.yaml"  # every run directory's resolved config; its presence marks a run
+
+
+def is_run_dir(path):
+    return (Path(path) / RUN_CONFIG).is_file()
+
 
 def _one_line(yaml_error):
     """A YAML parse error as one line: where it is and what is wrong (PyYAML's own message
@@ -74,7 +80,7 @@ class SectionedConfig:
     def load_run(cls, run_dir, task):
         """The config.yaml of a `task` ("translation", ...) run directory, with its output dir
         set to where the run is now (it may have moved since training)."""
-        path = Path(run_dir) / "config.yaml"
+        path = Path(run_dir) / RUN_CONFIG
         if not path.is_file():
             raise DataError(f"{run_dir}: not a {task} run directory (no config.yaml)")
         config = cls.load(path)

@@ -198,6 +198,11 @@ def _sequential_search(step_fn, initial_state, context, batch_size, start_id, en
         loop_vars,
         shape_invariants=_any_shape(loop_vars),
     )
+    return _single_hypotheses(totals, ids, attention, batch_size, end_id)
+
+
+def _single_hypotheses(totals, ids, attention, batch_size, end_id):
+    """The DecodingResult of a search with one hypothesis a row, from the per-step outputs."""
     log_probs, lengths, ended = totals
     ids = tf.reshape(ids.stack(), [-1, batch_size])
     ids = tf.transpose(ids, [1, 0])  # [batch, time]
@@ -275,12 +280,7 @@ def beam_search(
     tokens, their parent beams and their attention go into fixed-shape TensorArrays, and
     the hypotheses are read back through the parents once at the end.
     """
-    if isinstance(beam_size, int) and beam_size < 1:
-        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
-    if isinstance(beam_size, int) and isinstance(n_best, int) and not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
-    if length_normalize and not (isinstance(length_penalty, (int, float)) and length_penalty == 0):
-        raise ValueError("use either length_penalty or length_normalize, not both")
+    _check_beam_arguments(beam_size, n_best, length_penalty, length_normalize)
     k = beam_size
     max_lengths, state, context, tokens, log_probs = initial_beams(
         initial_state, context, batch_size, start_id, max_length, k
@@ -297,31 +297,11 @@ def beam_search(
     retired_parents = tf.tile(tf.range(k)[None], [batch_size, 1])
 
     def body(t, alive, tokens, state, context, finished, row_max_lengths, row_totals, totals, chosen, parents, attention):
-        row_log_probs, row_lengths, row_ended = row_totals
         rows = tf.shape(alive)[0]
         logits, state, step_attention = step_fn(tokens, state, context)
-        logits = tf.cast(logits, tf.float32)
-        # A finished beam may only continue with the end token, at no cost: its score is frozen.
-        per_beam = tf.minimum(k, tf.shape(logits)[-1])  # candidates a beam
-        top_logits, top_tokens, row_max = top_k_rows(logits, per_beam)  # [rows * beam, per_beam]
-        candidates = tf.reshape(log_probs_of(logits, top_logits, row_max), [rows, k, per_beam])
-        frozen = tf.where(tf.range(per_beam) == 0, 0.0, -float("inf"))
-        candidates = tf.where(finished[:, :, None], frozen, candidates)
-        top_tokens = tf.where(finished[:, :, None], end_id, tf.reshape(top_tokens, [rows, k, per_beam]))
-        totals_now = row_log_probs[:, :, None] + candidates  # [rows, beam, per_beam]
-        new_lengths = row_lengths + tf.cast(~finished, tf.int32)
-        scores = sequence_score(totals_now, new_lengths[:, :, None], length_penalty, length_normalize)
-        _, best = tf.math.top_k(tf.reshape(scores, [rows, k * per_beam]), k=k)  # [rows, beam]
-        beams = best // per_beam
-        tokens = tf.gather(tf.reshape(top_tokens, [rows, k * per_beam]), best, batch_dims=1)
-        row_log_probs = tf.gather(tf.reshape(totals_now, [rows, k * per_beam]), best, batch_dims=1)
-        was_finished = tf.gather(finished, beams, batch_dims=1)
-        row_lengths = tf.gather(new_lengths, beams, batch_dims=1)
-        row_ended = tf.gather(row_ended, beams, batch_dims=1) | (~was_finished & tf.equal(tokens, end_id))
-        finished = was_finished | tf.equal(tokens, end_id) | (row_lengths >= row_max_lengths)
-        step_attention = tf.reshape(tf.cast(step_attention, tf.float32), [rows, k, -1])
-        step_attention = tf.where(was_finished[:, :, None], 0.0, tf.gather(step_attention, beams, batch_dims=1))
-        row_totals = (row_log_probs, row_lengths, row_ended)
+        beams, tokens, finished, row_totals, step_attention = _beam_step(
+            logits, step_attention, finished, row_totals, row_max_lengths, k, end_id, length_penalty, length_normalize
+        )
         totals = tuple(_scatter_rows(full, alive, row) for full, row in zip(totals, row_totals))
         chosen = chosen.write(t, _scatter_rows(retired_tokens, alive, tokens))
         parents = parents.write(t, _scatter_rows(retired_parents, alive, beams))
@@ -352,6 +332,51 @@ def beam_search(
         loop_vars,
         shape_invariants=_any_shape(loop_vars),
     )
+    return _n_best_hypotheses(totals, chosen, parents, attention, n_best, end_id, length_penalty, length_normalize)
+
+
+def _check_beam_arguments(beam_size, n_best, length_penalty, length_normalize):
+    """Refuses impossible Python-number arguments before any graph is built."""
+    if isinstance(beam_size, int) and beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    if isinstance(beam_size, int) and isinstance(n_best, int) and not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
+    if length_normalize and not (isinstance(length_penalty, (int, float)) and length_penalty == 0):
+        raise ValueError("use either length_penalty or length_normalize, not both")
+
+
+def _beam_step(logits, attention, finished, row_totals, row_max_lengths, k, end_id, length_penalty, length_normalize):
+    """One beam step's choice: the k best continuations of each row [rows, beam] among each
+    beam's own k best tokens. A finished beam may only continue with the end token, at no
+    cost: its score is frozen. Returns the parent beams, tokens, finished flags, running
+    (log-probs, lengths, ended) and attention [rows, k, src_len] of the chosen continuations."""
+    row_log_probs, row_lengths, row_ended = row_totals
+    rows = tf.shape(finished)[0]
+    logits = tf.cast(logits, tf.float32)
+    per_beam = tf.minimum(k, tf.shape(logits)[-1])  # candidates a beam
+    top_logits, top_tokens, row_max = top_k_rows(logits, per_beam)  # [rows * beam, per_beam]
+    candidates = tf.reshape(log_probs_of(logits, top_logits, row_max), [rows, k, per_beam])
+    frozen = tf.where(tf.range(per_beam) == 0, 0.0, -float("inf"))
+    candidates = tf.where(finished[:, :, None], frozen, candidates)
+    top_tokens = tf.where(finished[:, :, None], end_id, tf.reshape(top_tokens, [rows, k, per_beam]))
+    totals_now = row_log_probs[:, :, None] + candidates  # [rows, beam, per_beam]
+    new_lengths = row_lengths + tf.cast(~finished, tf.int32)
+    scores = sequence_score(totals_now, new_lengths[:, :, None], length_penalty, length_normalize)
+    _, best = tf.math.top_k(tf.reshape(scores, [rows, k * per_beam]), k=k)  # [rows, beam]
+    beams = best // per_beam
+    tokens = tf.gather(tf.reshape(top_tokens, [rows, k * per_beam]), best, batch_dims=1)
+    row_log_probs = tf.gather(tf.reshape(totals_now, [rows, k * per_beam]), best, batch_dims=1)
+    row_lengths = tf.gather(new_lengths, beams, batch_dims=1)
+    was_finished = tf.gather(finished, beams, batch_dims=1)
+    row_ended = tf.gather(row_ended, beams, batch_dims=1) | (~was_finished & tf.equal(tokens, end_id))
+    finished = was_finished | tf.equal(tokens, end_id) | (row_lengths >= row_max_lengths)
+    attention = tf.reshape(tf.cast(attention, tf.float32), [rows, k, -1])
+    attention = tf.where(was_finished[:, :, None], 0.0, tf.gather(attention, beams, batch_dims=1))
+    return beams, tokens, finished, (row_log_probs, row_lengths, row_ended), attention
+
+
+def _n_best_hypotheses(totals, chosen, parents, attention, n_best, end_id, length_penalty, length_normalize):
+    """The DecodingResult of the n_best final beams of each row, best first."""
     log_probs, lengths, ended = totals
     scores = sequence_score(log_probs, lengths, length_penalty, length_normalize)
     scores, order = tf.math.top_k(scores, k=n_best)  # best first

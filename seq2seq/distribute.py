@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import re
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -108,15 +107,6 @@ def barrier(strategy):
     if is_multi_worker(strategy):
         ones = strategy.run(lambda: tf.ones([]))
         strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None).numpy()
-
-
-def check_chief_wrote(run_dir):
-    """On a worker after `barrier`: the chief's run dir must be visible here."""
-    from seq2seq.text import DataError
-
-    if not (Path(run_dir) / "config.yaml").is_file():
-        raise DataError(f"{run_dir}: the chief's run directory is not visible here; the output dir "
-                        "must be on storage every worker sees (e.g. NFS or GCS)")
 
 
 def replica_slices(indices, input_context=None):

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from seq2seq import distribute
 from seq2seq.cli import log
+from seq2seq.config import RUN_CONFIG
 from seq2seq.errors import DataError
 from seq2seq.model import quantize_weights
 from seq2seq.precision import describe_precision, precision_scope
@@ -40,6 +41,7 @@ def open_run(config, strategy, load, create, holds="vocabularies", prepare=None)
     """
     chief = distribute.is_chief(strategy)
     run_dir = Path(config.training.output_dir)
+    run_config = run_dir / RUN_CONFIG
 
     def resumed():
         run = load(run_dir)
@@ -47,7 +49,7 @@ def open_run(config, strategy, load, create, holds="vocabularies", prepare=None)
         return run
 
     if chief:
-        if (run_dir / "config.yaml").is_file():
+        if run_config.is_file():
             log(f"{run_dir} holds a run: continuing it with its saved config and {holds}")
             run = resumed()
         else:
@@ -56,7 +58,11 @@ def open_run(config, strategy, load, create, holds="vocabularies", prepare=None)
             prepare(run)
     distribute.barrier(strategy)
     if not chief:
-        distribute.check_chief_wrote(run_dir)
+        if not run_config.is_file():
+            raise DataError(
+                f"{run_dir}: the chief's run directory is not visible here; the output dir must be on storage "
+                "every worker sees (e.g. NFS or GCS)"
+            )
         run = resumed()
     return run
 
@@ -90,7 +96,7 @@ def save_export(module, export_dir, signatures, config):
     tf.saved_model.save(module, str(export_dir), signatures=signatures)
     extra = export_dir / "assets.extra"
     extra.mkdir(exist_ok=True)
-    config.save(extra / "config.yaml")
+    config.save(extra / RUN_CONFIG)
     return extra
 
 

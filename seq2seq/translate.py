@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from seq2seq import cli
+from seq2seq.config import is_run_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = PROJECT_ROOT / "saved_models" / "multi30k_en_de"
@@ -20,7 +21,7 @@ def resolve_model(path):
         import tensorflow as tf
 
         return tf.saved_model.load(str(path))
-    if (path / "config.yaml").is_file():
+    if is_run_dir(path):
         from tasks.translation.pipeline import TranslationRun
 
         run = TranslationRun.load(path)
@@ -32,7 +33,7 @@ def load_translator(args):
     if args.replace_unknown or args.average_last or args.weights != "best":
         from tasks.translation.pipeline import TranslationRun
 
-        if not (Path(args.model) / "config.yaml").is_file():
+        if not is_run_dir(args.model):
             raise cli.CommandError("--replace-unknown, --average-last and --weights need --model to be a run directory")
         run = TranslationRun.load(args.model)
         model = run.load_model(weights=args.weights, average_last=args.average_last)
@@ -159,21 +160,13 @@ def add_model_flags(parser):
 
 
 def build_parser():
-    from seq2seq.training import TrainingConfig
-    from tasks.translation.config import BatchConfig, DataConfig, ModelConfig, TokenizationConfig
+    from tasks.translation.config import TranslationConfig
 
     parser = argparse.ArgumentParser(prog="python -m seq2seq.translate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = commands.add_parser("train", help="train a model (resumes when the output dir holds a run)",
-                                description="Train a translation model from a YAML config and/or flags. "
-                                "Started again on the same --output-dir, it resumes from the last checkpoint.")
-    train.add_argument("--config", help="YAML config with sections data, tokenization, model, batching, training")
-    train.add_argument("--no-validation-bleu", action="store_true", help="skip greedy validation BLEU at each checkpoint")
-    for name, section in (("data", DataConfig), ("tokenization", TokenizationConfig), ("model", ModelConfig),
-                          ("batching", BatchConfig), ("training", TrainingConfig)):
-        cli.add_dataclass_flags(train, name, section)
-    train.set_defaults(handler=command_train)
+    cli.add_train_command(
+        commands, TranslationConfig, "Train a translation model from a YAML config and/or flags.", command_train, "BLEU"
+    )
 
     translate = commands.add_parser("translate", help="translate texts given as arguments, a file, or stdin",
                                     description="Translate sentences: arguments, --input FILE, or stdin to stdout, one output line per input line.")

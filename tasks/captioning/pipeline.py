@@ -26,6 +26,7 @@ import tensorflow as tf
 from seq2seq import distribute
 from seq2seq.batching import plan_batches
 from seq2seq.cli import log
+from seq2seq.config import RUN_CONFIG
 from seq2seq.factory import build_model
 from seq2seq.run import load_trained_weights, open_run, save_export, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
@@ -58,7 +59,7 @@ class CaptionRun:
         texts = [caption for captions in train_set.captions for caption in captions]
         vocab = Vocabulary.build(tokenize_all(tokenizer, texts), config.data.vocab_size, config.data.min_count)
         vocab.save(run_dir / VOCAB_FILE)
-        config.save(run_dir / "config.yaml")
+        config.save(run_dir / RUN_CONFIG)
         return cls(run_dir, config, vocab)
 
     @classmethod

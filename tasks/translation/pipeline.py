@@ -22,6 +22,7 @@ import tensorflow as tf
 from seq2seq import distribute
 from seq2seq.batching import filter_by_length, plan_batches
 from seq2seq.cli import log
+from seq2seq.config import RUN_CONFIG
 from seq2seq.factory import build_model
 from seq2seq.run import load_trained_weights, open_run, restore_exported_weights, save_export, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
@@ -90,7 +91,7 @@ class TranslationRun:
             ]
         vocabs[0].save(run_dir / "source.vocab")
         vocabs[1].save(run_dir / "target.vocab")
-        config.save(run_dir / "config.yaml")
+        config.save(run_dir / RUN_CONFIG)
         return cls(run_dir, config, *tokenizers, *vocabs)
 
     @classmethod
@@ -226,9 +227,9 @@ def load_export(export_dir):
     SentencePiece exports the models are read from the graph."""
     export_dir = Path(export_dir)
     extra = export_dir / "assets.extra"
-    if not (extra / "config.yaml").is_file():
+    if not (extra / RUN_CONFIG).is_file():
         raise DataError(f"{export_dir}: not a translation SavedModel exported by seq2seq (no assets.extra/config.yaml)")
-    config = TranslationConfig.load(extra / "config.yaml")
+    config = TranslationConfig.load(extra / RUN_CONFIG)
     carried = all((extra / f"{side}.spm").is_file() for side in ("source", "target"))
     if config.tokenization.scheme == "sentencepiece" and not carried:
         models = sentencepiece_models_in_graph(export_dir)
