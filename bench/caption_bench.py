@@ -29,10 +29,10 @@ from seq2seq.losses import MaskedCrossEntropy  # noqa: E402
 from seq2seq.optimizers import FusedAdam  # noqa: E402
 from seq2seq.training import TrainingConfig  # noqa: E402
 from timing import StepTimer  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
-from tasks.captioning.config import BatchConfig, CaptionConfig, DataConfig, ModelConfig  # noqa: E402
-from tasks.captioning.data import read_split, shapes_test_set  # noqa: E402
-from tasks.captioning.inference import caption_images  # noqa: E402
-from tasks.captioning.pipeline import CaptionRun, make_batches  # noqa: E402
+from seq2seq.tasks.captioning.config import BatchConfig, CaptionConfig, DataConfig, ModelConfig  # noqa: E402
+from seq2seq.tasks.captioning.data import read_split, shapes_test_set  # noqa: E402
+from seq2seq.tasks.captioning.inference import caption_images  # noqa: E402
+from seq2seq.tasks.captioning.pipeline import CaptionRun, make_batches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

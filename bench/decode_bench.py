@@ -33,9 +33,9 @@ sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / "bench"))
 
 from seq2seq import cli  # noqa: E402
-from tasks.translation.data import read_lines  # noqa: E402
-from tasks.translation.inference import translate_lines  # noqa: E402
-from tasks.translation.evaluation import corpus_scores  # noqa: E402
+from seq2seq.tasks.translation.data import read_lines  # noqa: E402
+from seq2seq.tasks.translation.inference import translate_lines  # noqa: E402
+from seq2seq.tasks.translation.evaluation import corpus_scores  # noqa: E402
 from timing import op_table  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
 
 

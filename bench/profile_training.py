@@ -30,8 +30,8 @@ import tensorflow as tf  # noqa: E402
 from seq2seq.losses import MaskedCrossEntropy  # noqa: E402
 from seq2seq.optimizers import FusedAdam  # noqa: E402
 from seq2seq.training import set_precision  # noqa: E402
-from tasks.translation.config import TranslationConfig  # noqa: E402
-from tasks.translation.pipeline import TranslationRun, make_batches, read_pairs  # noqa: E402
+from seq2seq.tasks.translation.config import TranslationConfig  # noqa: E402
+from seq2seq.tasks.translation.pipeline import TranslationRun, make_batches, read_pairs  # noqa: E402
 from timing import op_table  # noqa: E402  (bench/timing.py)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

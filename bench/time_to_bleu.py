@@ -63,11 +63,11 @@ def main(argv=None):
         if not Path(path).is_file():
             sys.exit(f"error: {path} not found")
 
-    from tasks.translation import data
-    from tasks.translation.config import TranslationConfig
-    from tasks.translation.evaluation import corpus_scores
-    from tasks.translation.inference import translate_lines
-    from tasks.translation.pipeline import TranslationRun, train
+    from seq2seq.tasks.translation import data
+    from seq2seq.tasks.translation.config import TranslationConfig
+    from seq2seq.tasks.translation.evaluation import corpus_scores
+    from seq2seq.tasks.translation.inference import translate_lines
+    from seq2seq.tasks.translation.pipeline import TranslationRun, train
 
     values = yaml.safe_load(Path(args.recipe).read_text()) or {}
     values.setdefault("training", {})["output_dir"] = str(output_dir)

@@ -30,8 +30,8 @@ from seq2seq.losses import MaskedCrossEntropy  # noqa: E402
 from seq2seq.optimizers import FusedAdam  # noqa: E402
 from seq2seq.training import TrainingConfig  # noqa: E402
 from timing import StepTimer  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
-from tasks.translation.config import BatchConfig, DataConfig, ModelConfig, TokenizationConfig, TranslationConfig  # noqa: E402
-from tasks.translation.pipeline import TranslationRun, export, make_batches, read_pairs, translate_lines  # noqa: E402
+from seq2seq.tasks.translation.config import BatchConfig, DataConfig, ModelConfig, TokenizationConfig, TranslationConfig  # noqa: E402
+from seq2seq.tasks.translation.pipeline import TranslationRun, export, make_batches, read_pairs, translate_lines  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
@@ -110,7 +110,7 @@ def bench_decoding(run, model, workdir):
 
 
 def read_lines(path):
-    from tasks.translation.data import read_lines as read
+    from seq2seq.tasks.translation.data import read_lines as read
 
     return read(path)
 

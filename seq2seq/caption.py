@@ -8,8 +8,7 @@ from pathlib import Path
 from seq2seq import cli
 from seq2seq.config import is_run_dir
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = PROJECT_ROOT / "saved_models" / "shapes_captioner"
+SHIPPED_MODEL = cli.shipped_model("shapes_captioner")
 
 
 def resolve_model(path, weights="best"):
@@ -17,7 +16,7 @@ def resolve_model(path, weights="best"):
     version) or a run dir."""
     import tensorflow as tf
 
-    from tasks.captioning.pipeline import CaptionRun
+    from seq2seq.tasks.captioning.pipeline import CaptionRun
 
     path = cli.model_path(path)
     if weights != "best" and not is_run_dir(path):
@@ -42,7 +41,7 @@ def read_images(paths, image_size, on_error):
     (and are counted) or, with on_error "raise", stop with an error naming the file."""
     import numpy as np
 
-    from tasks.captioning.images import ImageError, load_image
+    from seq2seq.tasks.captioning.images import ImageError, load_image
 
     arrays, positions, failures = [], [], []
     for position, path in enumerate(paths):
@@ -62,8 +61,8 @@ def read_images(paths, image_size, on_error):
 
 
 def command_train(args):
-    from tasks.captioning.config import CaptionConfig
-    from tasks.captioning.pipeline import train
+    from seq2seq.tasks.captioning.config import CaptionConfig
+    from seq2seq.tasks.captioning.pipeline import train
 
     config = cli.train_config(CaptionConfig, args)
     train(config, validation_bleu=not args.no_validation_bleu)
@@ -71,7 +70,7 @@ def command_train(args):
 
 
 def command_caption(args):
-    from tasks.captioning.inference import caption_images
+    from seq2seq.tasks.captioning.inference import caption_images
 
     paths = args.images if args.images else [line.strip() for line in cli.read_input_lines(args.input) if line.strip()]
     if not paths:
@@ -86,7 +85,7 @@ def command_caption(args):
     for line in lines:
         print(line)
     if args.plot_attention:
-        from tasks.captioning.evaluation import plot_caption_attention
+        from seq2seq.tasks.captioning.evaluation import plot_caption_attention
 
         length = int(out["lengths"][0])
         plot_caption_attention(
@@ -97,8 +96,8 @@ def command_caption(args):
 
 
 def evaluation_set(args, image_size):
-    from tasks.captioning import data
-    from tasks.captioning.data import examples_set, shapes_test_set
+    from seq2seq.tasks.captioning import data
+    from seq2seq.tasks.captioning.data import examples_set, shapes_test_set
 
     chosen = [args.shapes_test is not None, bool(args.karpathy_json), bool(args.tsv), bool(args.tfds_split)]
     if sum(chosen) != 1:
@@ -124,8 +123,8 @@ def evaluation_set(args, image_size):
 
 
 def command_evaluate(args):
-    from tasks.captioning.evaluation import attention_localisation, corpus_bleu_scores
-    from tasks.captioning.inference import caption_images
+    from seq2seq.tasks.captioning.evaluation import attention_localisation, corpus_bleu_scores
+    from seq2seq.tasks.captioning.inference import caption_images
 
     model = resolve_model(args.model, args.weights)
     info = model_info(model)
@@ -153,7 +152,7 @@ def command_evaluate(args):
 
 
 def command_export(args):
-    from tasks.captioning.pipeline import CaptionRun, export
+    from seq2seq.tasks.captioning.pipeline import CaptionRun, export
 
     run = CaptionRun.load(args.run_dir)
     model = run.load_model(weights=args.weights)
@@ -168,9 +167,10 @@ def add_model_flags(parser):
 
 
 def build_parser():
-    from tasks.captioning.config import CaptionConfig
+    from seq2seq.tasks.captioning.config import CaptionConfig
 
     parser = argparse.ArgumentParser(prog="python -m seq2seq.caption", description=__doc__)
+    cli.add_tf_logs_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli.add_train_command(
         commands, CaptionConfig, "Train a captioning model from a YAML config and/or flags. Data: the built-in synthetic "
@@ -215,7 +215,8 @@ def build_parser():
                                  "and beam search in the graph); caption_with_attention: images, beam_size -> also tokens "
                                  "and attention weights.")
     export.add_argument("--run-dir", required=True, help="the training run to export")
-    export.add_argument("--output", default=str(SHIPPED_MODEL.parent / "captioning"), help="model dir; the version folder goes inside")
+    export.add_argument("--output", default=str(Path("saved_models") / "captioning"),
+                        help="model dir; the version folder goes inside (default: saved_models/captioning in the current directory)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--beam-size", type=int, default=3, help="beam width of serving_default (default: 3)")
     export.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha of the exported searches (default: 0.0)")
@@ -224,12 +225,15 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def check_beam_size(args):
     if getattr(args, "beam_size", 1) < 1:
         print(f"error: --beam-size must be at least 1, got {args.beam_size}", file=sys.stderr)
         return cli.EXIT_USAGE
-    return cli.run_main(args.handler, args)
+    return None
+
+
+def main(argv=None):
+    return cli.main(build_parser, argv, check=check_beam_size)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ import types
 import typing
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from seq2seq.quiet import native_logs_filtered
+
+USER_TF_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")  # the user's own choice, which we leave alone
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what TensorFlow logs after its start-up
 
 EXIT_USAGE = 2
 
@@ -85,6 +88,24 @@ def train_config(config_class, args):
     return config_class.from_dict(values)
 
 
+def add_tf_logs_flag(parser):
+    parser.add_argument("--tf-logs", action="store_true",
+                        help="show TensorFlow's native log lines on stderr (hidden by default; with "
+                             "TF_CPP_MIN_LOG_LEVEL set in the environment, TensorFlow's own filtering applies)")
+
+
+def main(build_parser, argv=None, check=None):
+    """A command's `main`: parses argv (after `check(args)`, which may return an exit code)
+    and runs its subcommand, with TensorFlow's native log lines kept off stderr throughout
+    (building the parser already imports TensorFlow) unless --tf-logs or the user's own
+    TF_CPP_MIN_LOG_LEVEL asks for them."""
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    with native_logs_filtered("--tf-logs" not in argv and USER_TF_LOG_LEVEL is None):
+        args = build_parser().parse_args(argv)
+        code = check(args) if check else None
+        return code if code is not None else run_main(args.handler, args)
+
+
 def run_main(handler, args):
     """Runs a subcommand, turning expected errors into one line on stderr and exit code 2."""
     from seq2seq.text import DataError
@@ -98,6 +119,18 @@ def run_main(handler, args):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def shipped_model(name):
+    """A shipped model's folder: inside the installed package (a wheel install puts
+    saved_models/ there) or in the checkout's saved_models/ (an editable install)."""
+    for root in (PACKAGE_DIR / "saved_models", PACKAGE_DIR.parent / "saved_models"):
+        if (root / name).is_dir():
+            return root / name
+    return PACKAGE_DIR / "saved_models" / name
 
 
 def versions(model_dir):

@@ -8,8 +8,7 @@ from pathlib import Path
 from seq2seq import cli
 from seq2seq.config import is_run_dir
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = PROJECT_ROOT / "saved_models" / "multi30k_en_de"
+SHIPPED_MODEL = cli.shipped_model("multi30k_en_de")
 
 
 def resolve_model(path):
@@ -22,7 +21,7 @@ def resolve_model(path):
 
         return tf.saved_model.load(str(path))
     if is_run_dir(path):
-        from tasks.translation.pipeline import TranslationRun
+        from seq2seq.tasks.translation.pipeline import TranslationRun
 
         run = TranslationRun.load(path)
         return run.translator(run.load_model(), replace_unknown=False)
@@ -31,7 +30,7 @@ def resolve_model(path):
 
 def load_translator(args):
     if args.replace_unknown or args.average_last or args.weights != "best":
-        from tasks.translation.pipeline import TranslationRun
+        from seq2seq.tasks.translation.pipeline import TranslationRun
 
         if not is_run_dir(args.model):
             raise cli.CommandError("--replace-unknown, --average-last and --weights need --model to be a run directory")
@@ -42,8 +41,8 @@ def load_translator(args):
 
 
 def command_train(args):
-    from tasks.translation.config import TranslationConfig
-    from tasks.translation.pipeline import train
+    from seq2seq.tasks.translation.config import TranslationConfig
+    from seq2seq.tasks.translation.pipeline import train
 
     config = cli.train_config(TranslationConfig, args)
     train(config, validation_bleu=not args.no_validation_bleu)
@@ -67,7 +66,7 @@ def print_translation(result, n_best, flush=False):
 
 def translate_interactively(args, translator):
     """A terminal on stdin: every line is translated as soon as it is entered."""
-    from tasks.translation.inference import translate_lines
+    from seq2seq.tasks.translation.inference import translate_lines
 
     for number, raw in enumerate(sys.stdin.buffer, start=1):
         line = cli.decode_lines([raw], "<stdin>", first_line=number)[0]
@@ -77,7 +76,7 @@ def translate_interactively(args, translator):
 
 
 def command_translate(args):
-    from tasks.translation.inference import translate_lines
+    from seq2seq.tasks.translation.inference import translate_lines
 
     check_search_flags(args)
     # (With --plot-alignment, stdin is read to the end first: the plot is of the first sentence.)
@@ -102,8 +101,8 @@ def command_translate(args):
 
 
 def command_evaluate(args):
-    from tasks.translation.inference import translate_lines
-    from tasks.translation.evaluation import corpus_scores
+    from seq2seq.tasks.translation.inference import translate_lines
+    from seq2seq.tasks.translation.evaluation import corpus_scores
 
     references = cli.read_input_lines(args.references)
     if args.hypotheses:
@@ -128,13 +127,13 @@ def command_evaluate(args):
 
 
 def command_export(args):
-    from tasks.translation.pipeline import TranslationRun, export
+    from seq2seq.tasks.translation.pipeline import TranslationRun, export
 
     check_search_flags(args)
     if bool(args.run_dir) == bool(args.from_model):
         raise cli.CommandError("give either --run-dir (a training run) or --from-model (a SavedModel to export again)")
     if args.from_model:
-        from tasks.translation.pipeline import load_export
+        from seq2seq.tasks.translation.pipeline import load_export
 
         if args.average_last or args.weights != "best" or args.quantize != "none":
             raise cli.CommandError("--from-model keeps the export's weights as they are: drop --average-last, --weights and --quantize")
@@ -160,9 +159,10 @@ def add_model_flags(parser):
 
 
 def build_parser():
-    from tasks.translation.config import TranslationConfig
+    from seq2seq.tasks.translation.config import TranslationConfig
 
     parser = argparse.ArgumentParser(prog="python -m seq2seq.translate", description=__doc__)
+    cli.add_tf_logs_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli.add_train_command(
         commands, TranslationConfig, "Train a translation model from a YAML config and/or flags.", command_train, "BLEU"
@@ -193,7 +193,8 @@ def build_parser():
     export.add_argument("--from-model", metavar="SAVEDMODEL",
                         help="instead of a run: a SavedModel this toolkit exported, written again with the current "
                              "(faster) graph; same weights, int8 stays int8")
-    export.add_argument("--output", default=str(SHIPPED_MODEL.parent / "translation"), help="model dir; the version folder goes inside")
+    export.add_argument("--output", default=str(Path("saved_models") / "translation"),
+                        help="model dir; the version folder goes inside (default: saved_models/translation in the current directory)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--beam-size", type=int, default=5, help="beam width of serving_default (default: 5)")
     export.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha of serving_default (default: 0.6)")
@@ -208,8 +209,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return cli.run_main(args.handler, args)
+    return cli.main(build_parser, argv)
 
 
 if __name__ == "__main__":

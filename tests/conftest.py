@@ -150,7 +150,7 @@ def sentencepiece_model(tmp_path_factory, toy_corpus):
 @pytest.fixture(scope="session")
 def word_translator(word_model):
     """The in-process Translator of the word-level run (best weights), traced once a session."""
-    from tasks.translation.pipeline import TranslationRun
+    from seq2seq.tasks.translation.pipeline import TranslationRun
 
     run = TranslationRun.load(word_model[0])
     return run.translator(run.load_model())

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from seq2seq import caption
-from tasks.captioning import shapes
+from seq2seq.tasks.captioning import shapes
 
 TINY_TRAIN = [
     "--shapes-train", "40", "--shapes-val", "8", "--shapes-seed", "3", "--image-size", "32", "--units", "16",
@@ -253,7 +253,7 @@ def test_train_tfds_coco_mock(tmp_path, capsys):
 def test_export_signatures_and_in_process_equality(tiny_run, tiny_export, images):
     import tensorflow as tf
 
-    from tasks.captioning.pipeline import CaptionRun
+    from seq2seq.tasks.captioning.pipeline import CaptionRun
 
     assert (tiny_export / "saved_model.pb").is_file() and (tiny_export / "assets.extra" / "config.yaml").is_file()
     run = CaptionRun.load(tiny_run)

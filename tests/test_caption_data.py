@@ -8,14 +8,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tasks.captioning.data import (
+from seq2seq.tasks.captioning.data import (
     CaptionExample,
     DataError,
     load_tfds_coco,
     read_caption_tsv,
     read_karpathy_json,
 )
-from tasks.captioning.images import load_image
+from seq2seq.tasks.captioning.images import load_image
 
 
 def make_image(path):
@@ -237,10 +237,10 @@ def test_tfds_coco_not_prepared_is_a_data_error_not_a_download(tmp_path, no_netw
 def test_caption_batches_sort_by_length_only_for_a_frozen_backbone_by_default(tmp_path, fine_tune, sort_by_length, sorted_batches):
     """Sorted batches group scenes by object count; a fine-tuned BatchNorm backbone must not see that."""
     from seq2seq.training import TrainingConfig
-    from tasks.captioning import shapes
-    from tasks.captioning.config import BatchConfig, CaptionConfig, DataConfig, ModelConfig
-    from tasks.captioning.data import shapes_set
-    from tasks.captioning.pipeline import CaptionRun, make_batches
+    from seq2seq.tasks.captioning import shapes
+    from seq2seq.tasks.captioning.config import BatchConfig, CaptionConfig, DataConfig, ModelConfig
+    from seq2seq.tasks.captioning.data import shapes_set
+    from seq2seq.tasks.captioning.pipeline import CaptionRun, make_batches
 
     config = CaptionConfig(
         data=DataConfig(shapes_train=60),

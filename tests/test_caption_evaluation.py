@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tasks.captioning import shapes
-from tasks.captioning.evaluation import (
+from seq2seq.tasks.captioning import shapes
+from seq2seq.tasks.captioning.evaluation import (
     attention_heatmap,
     attention_localisation,
     caption_words,

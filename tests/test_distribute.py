@@ -37,7 +37,7 @@ WRAPPER = textwrap.dedent(
     """
     import os, sys
     import numpy as np
-    from tasks.translation import pipeline
+    from seq2seq.tasks.translation import pipeline
     from seq2seq import translate
 
     train = pipeline.train
@@ -146,7 +146,7 @@ def corpus(tmp_path_factory):
 def restored_weights(run_dir):
     """The weights of a run's last checkpoint, restored by a Trainer without a strategy (so a
     checkpoint written under a strategy must be in the format of one written without)."""
-    from tasks.translation.pipeline import TranslationRun
+    from seq2seq.tasks.translation.pipeline import TranslationRun
 
     run = TranslationRun.load(run_dir)
     trainer = Trainer(run.build_model(), dataclasses.replace(run.config.training, distribution="none"))

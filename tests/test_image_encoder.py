@@ -13,7 +13,7 @@ from keras.src.legacy.saving import legacy_h5_format
 from seq2seq.decoders import AttentionDecoder
 from seq2seq.encoders import Bridge
 from seq2seq.model import Seq2SeqModel
-from tasks.captioning.encoder import (
+from seq2seq.tasks.captioning.encoder import (
     BACKBONES,
     FeatureEncoder,
     ImageEncoder,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.captioning.images import ImageError, load_image, load_images
+from seq2seq.tasks.captioning.images import ImageError, load_image, load_images
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)

@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from tasks.captioning import shapes
-from tasks.captioning.data import DataError, read_caption_tsv
-from tasks.captioning.shapes import (
+from seq2seq.tasks.captioning import shapes
+from seq2seq.tasks.captioning.data import DataError, read_caption_tsv
+from seq2seq.tasks.captioning.shapes import (
     COLOURS,
     Scene,
     ShapeObject,

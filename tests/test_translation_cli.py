@@ -131,7 +131,7 @@ def test_bad_config_file_is_one_error_line(capsys, tmp_path, text, message):
 def test_flags_override_the_config_file_section_by_field(tmp_path, toy_corpus):
     from seq2seq.cli import train_config
     from seq2seq.translate import build_parser
-    from tasks.translation.config import TranslationConfig
+    from seq2seq.tasks.translation.config import TranslationConfig
 
     config = tmp_path / "config.yaml"
     config.write_text(f"data:\n  train_source: {toy_corpus / 'train.en'}\n  train_target: {toy_corpus / 'train.de'}\n"
@@ -145,8 +145,8 @@ def test_flags_override_the_config_file_section_by_field(tmp_path, toy_corpus):
 def test_a_run_directory_is_read_where_it_is_now_and_a_folder_without_a_run_is_named(tmp_path, toy_corpus):
     """Both tasks' Run.load read a run's config through SectionedConfig.load_run."""
     from seq2seq.errors import DataError
-    from tasks.captioning.config import CaptionConfig
-    from tasks.translation.config import TranslationConfig
+    from seq2seq.tasks.captioning.config import CaptionConfig
+    from seq2seq.tasks.translation.config import TranslationConfig
 
     config = TranslationConfig.from_dict({"data": {"train_source": str(toy_corpus / "train.en"),
                                                    "train_target": str(toy_corpus / "train.de")},
@@ -315,7 +315,7 @@ def test_plot_alignment_writes_a_png(capsys, tmp_path, word_model):
 
 
 def test_unknown_words_map_to_the_unknown_token(word_model):
-    from tasks.translation.pipeline import TranslationRun
+    from seq2seq.tasks.translation.pipeline import TranslationRun
 
     run = TranslationRun.load(word_model[0])
     tokens = run.source_tokenizer.tokenize(tf.constant(["a zebra is riding a xylophone ."]))
@@ -349,7 +349,7 @@ class FixedOutputModel:
     (False, "the <unk> is <unk>."),
 ])
 def test_replace_unknown_uses_the_most_attended_source_word(replace_unknown, expected):
-    from tasks.translation.translator import Translator
+    from seq2seq.tasks.translation.translator import Translator
 
     source_vocab = Vocabulary(["<pad>", "<unk>", "<s>", "</s>", "das", "ist", "."])
     target_vocab = Vocabulary(["<pad>", "<unk>", "<s>", "</s>", "the", "is", "."])
@@ -477,7 +477,7 @@ def test_translate_lines_decodes_batches_side_by_side_and_keeps_input_order():
     import threading
     import time
 
-    from tasks.translation.inference import translate_lines
+    from seq2seq.tasks.translation.inference import translate_lines
 
     class SlowFirstBatches:
         def __init__(self):

@@ -1,4 +1,4 @@
-"""Tests for tasks.translation.data: file readers and the TFDS loader (mocked, no network)."""
+"""Tests for seq2seq.tasks.translation.data: file readers and the TFDS loader (mocked, no network)."""
 
 import gzip
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from seq2seq.text import DataError
-from tasks.translation.data import load_tfds, read_lines, read_parallel, read_tsv
+from seq2seq.tasks.translation.data import load_tfds, read_lines, read_parallel, read_tsv
 
 MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 

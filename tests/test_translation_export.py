@@ -173,7 +173,7 @@ def test_serving_check_command_fails_clearly_on_a_missing_dir(tmp_path, capsys):
 
 
 def test_translate_signature_beam_size_1_is_greedy_and_n_best_works(word_model, word_export, word_translator):
-    from tasks.translation.pipeline import TranslationRun
+    from seq2seq.tasks.translation.pipeline import TranslationRun
 
     texts = tf.constant(TEXTS)
     # The model's beam search with one beam finds the greedy hypothesis.

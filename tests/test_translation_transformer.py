@@ -12,8 +12,8 @@ import yaml
 from conftest import SAMPLE_SENTENCES, TINY_MODEL, cli
 from seq2seq import serving_check
 from seq2seq.transformer import TransformerDecoder, TransformerEncoder
-from tasks.translation.config import ModelConfig
-from tasks.translation.pipeline import TranslationRun
+from seq2seq.tasks.translation.config import ModelConfig
+from seq2seq.tasks.translation.pipeline import TranslationRun
 
 TRANSFORMER_FLAGS = ["--num-heads", "2", "--encoder-layers", "2", "--decoder-layers", "1", "--ffn-dim", "32"]
 

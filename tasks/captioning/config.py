@@ -5,7 +5,7 @@ import dataclasses
 from seq2seq.config import SectionedConfig
 from seq2seq.factory import ModelSpec
 from seq2seq.training import TrainingConfig
-from tasks.captioning.encoder import BACKBONES, check_small_cnn_options
+from seq2seq.tasks.captioning.encoder import BACKBONES, check_small_cnn_options
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ class DataConfig:
 @dataclasses.dataclass
 class ModelConfig(ModelSpec):
     """Image encoder (Show, Attend and Tell: a CNN and a projection to `encoder_units`, default
-    units; see tasks.captioning.encoder.ImageEncoder) and a decoder, "rnn" (attention) or
+    units; see seq2seq.tasks.captioning.encoder.ImageEncoder) and a decoder, "rnn" (attention) or
     "transformer" (seq2seq.factory.ModelSpec)."""
 
     ENCODER_FIELDS = {"cnn": {"encoder_units"}}

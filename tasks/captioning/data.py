@@ -23,8 +23,8 @@ import numpy as np
 
 from seq2seq.cli import log
 from seq2seq.errors import DataError  # noqa: F401  (raised here; imported from here by callers)
-from tasks.captioning import shapes
-from tasks.captioning.images import ImageError, load_image, load_images
+from seq2seq.tasks.captioning import shapes
+from seq2seq.tasks.captioning.images import ImageError, load_image, load_images
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 MISSING_SHOWN = 5

@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from tasks.captioning import shapes
+from seq2seq.tasks.captioning import shapes
 
 BLEU_WEIGHTS = {
     "bleu_1": (1.0,),

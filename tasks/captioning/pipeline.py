@@ -1,4 +1,4 @@
-"""Captioning runs (configured by `tasks.captioning.config`): data, training, loading a trained model, captioning, export.
+"""Captioning runs (configured by `seq2seq.tasks.captioning.config`): data, training, loading a trained model, captioning, export.
 
 A run directory holds everything needed to continue or use a run:
   config.yaml              the resolved configuration
@@ -31,12 +31,12 @@ from seq2seq.factory import build_model
 from seq2seq.run import load_trained_weights, open_run, save_export, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import Trainer, ValidationScore, sequence_batches
-from tasks.captioning.captioner import Captioner
-from tasks.captioning.config import CaptionConfig
-from tasks.captioning.encoder import ImageEncoder, compute_features, image_model_from_feature_model
-from tasks.captioning.evaluation import corpus_bleu_scores
-from tasks.captioning.data import read_split
-from tasks.captioning.inference import caption_sources
+from seq2seq.tasks.captioning.captioner import Captioner
+from seq2seq.tasks.captioning.config import CaptionConfig
+from seq2seq.tasks.captioning.encoder import ImageEncoder, compute_features, image_model_from_feature_model
+from seq2seq.tasks.captioning.evaluation import corpus_bleu_scores
+from seq2seq.tasks.captioning.data import read_split
+from seq2seq.tasks.captioning.inference import caption_sources
 
 VOCAB_FILE = "captions.vocab"
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"

@@ -27,13 +27,13 @@ from seq2seq.factory import build_model
 from seq2seq.run import load_trained_weights, open_run, restore_exported_weights, save_export, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import Trainer, ValidationScore, sequence_batches
-from tasks.translation import data
-from tasks.translation.config import TranslationConfig
-from tasks.translation.inference import translate_lines  # noqa: F401  (part of this module's API)
-from tasks.translation.subword import (
+from seq2seq.tasks.translation import data
+from seq2seq.tasks.translation.config import TranslationConfig
+from seq2seq.tasks.translation.inference import translate_lines  # noqa: F401  (part of this module's API)
+from seq2seq.tasks.translation.subword import (
     SentencePieceTokenizer, sentencepiece_models_in_graph, sentencepiece_vocabulary, train_sentencepiece,
 )
-from tasks.translation.translator import Translator
+from seq2seq.tasks.translation.translator import Translator
 
 
 
