@@ -1,14 +1,19 @@
 """python -m seq2seq.caption {train,caption,evaluate,export}: image captioning from the terminal."""
 
 import argparse
+import glob
+import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
-from seq2seq import cli
+from seq2seq import cli, streaming
 from seq2seq.config import is_run_dir
 
 SHIPPED_MODEL = cli.shipped_model("shapes_captioner")
+IMAGES_PER_CHUNK = 256  # read, captioned and written at a time: memory stays flat for any number of images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # what a directory argument stands for
 
 
 def resolve_model(path, weights="best"):
@@ -36,30 +41,6 @@ def model_info(model):
     return {key: int(value.numpy()) for key, value in model.info().items()}
 
 
-def read_images(paths, image_size, on_error):
-    """Pixels [K, S, S, 3] of the readable images and their positions in `paths`; bad files warn
-    (and are counted) or, with on_error "raise", stop with an error naming the file."""
-    import numpy as np
-
-    from seq2seq.tasks.captioning.images import ImageError, load_image
-
-    arrays, positions, failures = [], [], []
-    for position, path in enumerate(paths):
-        try:
-            arrays.append(load_image(path, size=(image_size, image_size)))
-            positions.append(position)
-        except ImageError as error:
-            if on_error == "raise":
-                raise cli.CommandError(f"{error} (use --on-error skip to skip unreadable images)") from None
-            failures.append(path)
-            print(f"warning: skipping image: {error}", file=sys.stderr)
-    if failures:
-        print(f"skipped {len(failures)} of {len(paths)} images (their output lines are empty)", file=sys.stderr)
-    if not arrays:
-        raise cli.CommandError(f"none of the {len(paths)} images could be read")
-    return np.stack(arrays), positions
-
-
 def command_train(args):
     from seq2seq.tasks.captioning.config import CaptionConfig
     from seq2seq.tasks.captioning.pipeline import train
@@ -70,29 +51,121 @@ def command_train(args):
 
 
 def command_caption(args):
-    from seq2seq.tasks.captioning.inference import caption_images
-
-    paths = args.images if args.images else [line.strip() for line in cli.read_input_lines(args.input) if line.strip()]
-    if not paths:
+    paths = image_paths(args)
+    first = next(paths, None)
+    if first is None:
         raise cli.CommandError("no images given (pass image files as arguments, --input FILE, or paths on stdin)")
     model = resolve_model(args.model, args.weights)
-    info = model_info(model)
-    pixels, positions = read_images(paths, info["image_size"], args.on_error)
-    out = caption_images(model, pixels, beam_size=args.beam_size, length_penalty=args.length_penalty, batch_size=args.batch_size)
-    lines = [""] * len(paths)
-    for row, position in enumerate(positions):
-        lines[position] = out["captions"][row].decode("utf-8")
-    for line in lines:
-        print(line)
-    if args.plot_attention:
-        from seq2seq.tasks.captioning.evaluation import plot_caption_attention
+    try:
+        caption_in_chunks(args, model, itertools.chain([first], paths))
+    except BrokenPipeError:
+        return streaming.output_closed()
 
-        length = int(out["lengths"][0])
-        plot_caption_attention(
-            pixels[0], out["tokens"][0][:length], out["attention"][0][:length], (info["grid_height"], info["grid_width"]),
-            args.plot_attention, title=lines[positions[0]],
-        )
-        print(f"attention of the first image written to {args.plot_attention}", file=sys.stderr)
+
+def image_paths(args):
+    """The image paths to caption, lazily: arguments (a directory or a glob pattern stands for
+    the images it holds or matches, sorted), or the non-blank lines of --input FILE or stdin.
+    An argument that gives no image is an error now, before the model is loaded."""
+    if not args.images:
+        return (line.strip() for line in streaming.input_lines(args.input) if line.strip())
+    for argument in args.images:
+        check_image_argument(argument)
+    return itertools.chain.from_iterable(expand_image_argument(argument) for argument in args.images)
+
+
+def is_glob_pattern(argument):
+    return not os.path.exists(argument) and any(char in argument for char in "*?[")
+
+
+def is_image_file(entry):
+    return entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def check_image_argument(argument):
+    if os.path.isdir(argument):
+        with os.scandir(argument) as entries:
+            if not any(is_image_file(entry) for entry in entries):
+                extensions = ", ".join(extension[1:] for extension in IMAGE_EXTENSIONS)
+                raise cli.CommandError(f"{argument}: directory holds no image files ({extensions})")
+    elif is_glob_pattern(argument) and next(glob.iglob(argument), None) is None:
+        raise cli.CommandError(f"{argument}: no files match this pattern")
+
+
+def expand_image_argument(argument):
+    """A directory's image files sorted by name, a glob pattern's matches sorted, or the path itself."""
+    if os.path.isdir(argument):
+        with os.scandir(argument) as entries:
+            names = sorted(entry.name for entry in entries if is_image_file(entry))
+        return [os.path.join(argument, name) for name in names]
+    if is_glob_pattern(argument):
+        return sorted(glob.glob(argument))
+    return [argument]
+
+
+def load_images_of_chunk(paths, image_size, on_error, warn):
+    """Pixels [K, S, S, 3] of the readable images (None if there is none) and their positions in
+    `paths`; a bad file is a warning or, with on_error "raise", an error naming it."""
+    import numpy as np
+
+    from seq2seq.tasks.captioning.images import ImageError, load_image
+
+    arrays, positions = [], []
+    for position, path in enumerate(paths):
+        try:
+            arrays.append(load_image(path, size=(image_size, image_size)))
+            positions.append(position)
+        except ImageError as error:
+            if on_error == "raise":
+                raise cli.CommandError(f"{error} (use --on-error skip to skip unreadable images)") from None
+            warn(f"warning: skipping image: {error}")
+    return (np.stack(arrays) if arrays else None), positions
+
+
+def caption_in_chunks(args, model, paths):
+    """Captions `paths` (any iterable) IMAGES_PER_CHUNK at a time and writes each chunk's lines in
+    input order as soon as it is done; an unreadable image gets an empty line. Until some image
+    could be read those empty lines are held back, so that input with no readable image at all
+    is an error with nothing on stdout."""
+    from seq2seq.tasks.captioning.inference import caption_images
+
+    info = model_info(model)
+    images = skipped = held_blank_lines = 0
+    plot_pending = bool(args.plot_attention)
+    with streaming.Progress("images") as progress:
+        for chunk in streaming.chunks(paths, IMAGES_PER_CHUNK):
+            pixels, positions = load_images_of_chunk(chunk, info["image_size"], args.on_error, progress.write)
+            images += len(chunk)
+            skipped += len(chunk) - len(positions)
+            if not positions:
+                held_blank_lines += len(chunk)
+                progress.update(len(chunk))
+                continue
+            out = caption_images(model, pixels, beam_size=args.beam_size, length_penalty=args.length_penalty,
+                                 batch_size=args.batch_size)
+            lines = [""] * len(chunk)
+            for row, position in enumerate(positions):
+                lines[position] = out["captions"][row].decode("utf-8")
+            streaming.write_lines([""] * held_blank_lines + lines)
+            held_blank_lines = 0
+            progress.update(len(chunk))
+            if plot_pending:
+                plot_first_attention(pixels[0], out, info, lines[positions[0]], args.plot_attention, progress.write)
+                plot_pending = False
+    if skipped:
+        cli.log(f"skipped {skipped} of {images} images (their output lines are empty)")
+    if skipped == images:
+        raise cli.CommandError(f"none of the {images} images could be read")
+    streaming.write_lines([""] * held_blank_lines)
+
+
+def plot_first_attention(pixels, out, info, caption, path, note):
+    """The attention of every word of the first row of `out` (the first readable image) written to a PNG."""
+    from seq2seq.tasks.captioning.evaluation import plot_caption_attention
+
+    length = int(out["lengths"][0])
+    plot_caption_attention(pixels, out["tokens"][0][:length], out["attention"][0][:length],
+                           (info["grid_height"], info["grid_width"]), path, title=caption)
+    note(f"attention of the first image written to {path}")
 
 
 def evaluation_set(args, image_size):
@@ -171,7 +244,8 @@ def build_parser():
 
     parser = argparse.ArgumentParser(prog="python -m seq2seq.caption", description=__doc__)
     cli.add_tf_logs_flag(parser)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="what to do; COMMAND --help lists its flags")
     cli.add_train_command(
         commands, CaptionConfig, "Train a captioning model from a YAML config and/or flags. Data: the built-in synthetic "
         "shapes (--shapes-train N), a Karpathy split JSON with --image-folder, TSV files (image<TAB>caption) or TFDS "
@@ -182,9 +256,11 @@ def build_parser():
                                   description="Caption images: file paths as arguments, --input FILE (one path a line) or "
                                   "paths on stdin; one caption a line on stdout, in input order. An image that cannot be "
                                   "read gets an empty line and a warning (or, with --on-error raise, stops the command).")
-    caption.add_argument("images", nargs="*", help="image files (JPEG, PNG, GIF, WebP, BMP)")
-    caption.add_argument("--input", help="file of image paths, one a line")
-    caption.add_argument("--plot-attention", metavar="PNG", help="write the attention of every word of the first image to a PNG")
+    caption.add_argument("images", nargs="*",
+                         help="image files (JPEG, PNG, GIF, WebP, BMP) (default: the paths in --input or on stdin)")
+    caption.add_argument("--input", help="file of image paths, one a line (default: stdin, unless images are given)")
+    caption.add_argument("--plot-attention", metavar="PNG",
+                         help="write the attention of every word of the first image to a PNG (default: no plot)")
     add_model_flags(caption)
     caption.set_defaults(handler=command_caption)
 
@@ -194,18 +270,20 @@ def build_parser():
                                    "reports attention localisation: the fraction of generated colour and shape words whose "
                                    "most-attended grid cell lies on the named object.")
     data = evaluate.add_argument_group("test data (one of)")
-    data.add_argument("--shapes-test", type=int, metavar="N", help="N synthetic shapes images (make_splits' test split)")
+    data.add_argument("--shapes-test", type=int, metavar="N",
+                      help="N synthetic shapes images (make_splits' test split) (default: none)")
     data.add_argument("--shapes-seed", type=int, default=1000, help="seed of the synthetic test split (default: 1000)")
-    data.add_argument("--karpathy-json", help="Karpathy dataset_*.json (with --image-folder and --split)")
+    data.add_argument("--karpathy-json", help="Karpathy dataset_*.json, with --image-folder and --split (default: none)")
     data.add_argument("--split", choices=("train", "val", "test"), default="test", help="Karpathy split (default: test)")
-    data.add_argument("--tsv", help="image<TAB>caption file, several lines per image allowed")
-    data.add_argument("--image-folder", help="folder the image paths are relative to")
-    data.add_argument("--tfds-split", help="TFDS coco_captions split, e.g. test")
-    data.add_argument("--tfds-data-dir", help="TFDS data dir where coco_captions is prepared")
-    data.add_argument("--tfds-max-examples", type=int, help="only the first N TFDS examples")
-    data.add_argument("--on-missing", choices=("raise", "skip"), default="raise", help="captions whose image file is missing (default: raise)")
-    evaluate.add_argument("--json", help="also write the scores to this JSON file")
-    evaluate.add_argument("--captions", action="store_true", help="include the generated captions in --json")
+    data.add_argument("--tsv", help="image<TAB>caption file, several lines per image allowed (default: none)")
+    data.add_argument("--image-folder",
+                      help="folder the image paths are relative to (needed with --karpathy-json; default: the TSV's own folder)")
+    data.add_argument("--tfds-split", help="TFDS coco_captions split, e.g. test (default: none)")
+    data.add_argument("--tfds-data-dir", help="TFDS data dir where coco_captions is prepared (default: TFDS's own)")
+    data.add_argument("--tfds-max-examples", type=int, help="only the first N TFDS examples (default: all)")
+    data.add_argument("--on-missing", choices=("raise", "skip"), default="raise", help="captions whose image file is missing: stop with an error or skip them (default: raise)")
+    evaluate.add_argument("--json", help="also write the scores to this JSON file (default: not written)")
+    evaluate.add_argument("--captions", action="store_true", help="include the generated captions in --json (default: off)")
     add_model_flags(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
@@ -214,7 +292,7 @@ def build_parser():
                                  "serving_default: encoded images (JPEG/PNG bytes) -> captions, scores (decoding, resizing "
                                  "and beam search in the graph); caption_with_attention: images, beam_size -> also tokens "
                                  "and attention weights.")
-    export.add_argument("--run-dir", required=True, help="the training run to export")
+    export.add_argument("--run-dir", required=True, help="the training run to export (required)")
     export.add_argument("--output", default=str(Path("saved_models") / "captioning"),
                         help="model dir; the version folder goes inside (default: saved_models/captioning in the current directory)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")

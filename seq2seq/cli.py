@@ -8,6 +8,7 @@ import types
 import typing
 from pathlib import Path
 
+from seq2seq.config import field_choices, field_default, field_doc
 from seq2seq.quiet import native_logs_filtered
 
 USER_TF_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")  # the user's own choice, which we leave alone
@@ -40,19 +41,31 @@ def _base_type(annotation):
 
 
 def add_dataclass_flags(parser, section_name, section_class, skip=()):
-    """Adds one flag per field of a config dataclass; unset flags stay None (the config file or default wins)."""
+    """Adds one flag per field of a config dataclass, its help made of the field's doc, choices and
+    default (`seq2seq.config.option`); unset flags stay None (the config file or default wins)."""
     group = parser.add_argument_group(f"{section_name} options (override the config file)")
     for field in dataclasses.fields(section_class):
         if field.name in skip:
             continue
         kind = _base_type(field.type)
-        default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = f"(default: {default})"
         dest = f"{section_name}.{field.name}"
+        help_text = flag_help(field)
         if kind is bool:
             group.add_argument(flag_name(field.name), dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            group.add_argument(flag_name(field.name), dest=dest, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+            continue
+        choices = field_choices(section_class, field)
+        # Shown, not enforced here: the config checks them, with the one-line error a YAML file gets.
+        metavar = "{" + ",".join(str(c) for c in choices if c is not None) + "}" if choices else kind.__name__.upper()
+        group.add_argument(flag_name(field.name), dest=dest, type=kind, default=None, metavar=metavar, help=help_text)
+
+
+def flag_help(field):
+    """`doc (default: X)` of a config field; argparse's % formatting escaped."""
+    if field.default is dataclasses.MISSING:
+        default = "required, here or in the config file"
+    else:
+        default = f"default: {field_default(field)}"
+    return f"{field_doc(field)} ({default})".replace("%", "%%")
 
 
 def add_train_command(commands, config_class, description, handler, metric):
@@ -61,8 +74,10 @@ def add_train_command(commands, config_class, description, handler, metric):
     train = commands.add_parser("train", help="train a model (resumes when the output dir holds a run)",
                                 description=f"{description} Started again on the same --output-dir, it resumes from "
                                 "the last checkpoint.")
-    train.add_argument("--config", help=f"YAML config with sections {', '.join(config_class.SECTIONS)}")
-    train.add_argument("--no-validation-bleu", action="store_true", help=f"skip greedy validation {metric} at each checkpoint")
+    train.add_argument("--config", help=f"YAML config with sections {', '.join(config_class.SECTIONS)}; flags "
+                       "override it (default: none, the flags and built-in defaults only)")
+    train.add_argument("--no-validation-bleu", action="store_true",
+                       help=f"skip the greedy validation {metric} at each checkpoint (default: computed)")
     for name, section in config_class.SECTIONS.items():
         add_dataclass_flags(train, name, section)
     train.set_defaults(handler=handler)

@@ -10,10 +10,15 @@ naming it, so that no setting is silently dropped.
 
 import dataclasses
 
+from seq2seq.attention import LuongAttention
+from seq2seq.config import check_choices, option
 from seq2seq.decoders import AttentionDecoder
-from seq2seq.encoders import RNNEncoder
+from seq2seq.encoders import MERGE_MODES, Bridge, RNNEncoder
 from seq2seq.model import Seq2SeqModel
-from seq2seq.transformer import TransformerDecoder, TransformerEncoder, bridge_for
+from seq2seq.rnn import CELL_TYPES
+from seq2seq.transformer import POSITION_KINDS, TransformerDecoder, TransformerEncoder, bridge_for
+
+ATTENTION_KINDS = ("luong", "bahdanau")  # what seq2seq.attention.make_attention builds
 
 # The ModelSpec fields each decoder reads (the encoders': ModelSpec.ENCODER_FIELDS).
 DECODER_FIELDS = {
@@ -30,15 +35,8 @@ DECODER_FIELDS = {
 
 @dataclasses.dataclass
 class ModelSpec:
-    """The encoder-decoder. encoder_type / decoder_type: "rnn" or "transformer".
-
-    units: the decoder's size (RNN units, or the Transformer model size); encoder_units: the
-    encoder's (default units; a bidirectional RNN's memory is twice it). RNN parts: cell_type,
-    embedding_dim (default: their units), layers, bidirectional and merge_mode (encoder),
-    attention, attention_score, attention_normalize, input_feeding and bridge (decoder).
-    Transformer parts: num_heads, ffn_dim (default 4 * size), positions, max_positions and
-    alignment_layer (the decoder layer whose cross-attention is reported as the alignment).
-    """
+    """The encoder-decoder: an encoder and a decoder type, and the fields of each part
+    (ENCODER_FIELDS and DECODER_FIELDS say which part reads which field)."""
 
     # The fields each encoder type reads; a task with its own encoder names its type here instead.
     ENCODER_FIELDS = {
@@ -46,34 +44,48 @@ class ModelSpec:
         "transformer": {"encoder_units", "encoder_layers", "num_heads", "ffn_dim", "positions", "max_positions", "dropout"},
     }
 
-    encoder_type: str = "rnn"
-    decoder_type: str = "rnn"
-    cell_type: str = "lstm"
-    units: int = 256
-    encoder_units: int | None = None
-    embedding_dim: int | None = None
-    encoder_layers: int = 1
-    decoder_layers: int = 1
-    bidirectional: bool = True
-    merge_mode: str = "concat"
-    attention: str = "luong"
-    attention_score: str = "general"
-    attention_normalize: bool = False
-    input_feeding: bool = True
-    tie_embeddings: bool = False
-    dropout: float = 0.2
-    bridge: str = "dense"
-    num_heads: int = 4
-    ffn_dim: int | None = None
-    positions: str = "sinusoidal"
-    max_positions: int = 512
-    alignment_layer: int = -1
+    encoder_type: str = option("rnn", "encoder architecture", choices=lambda spec: spec.ENCODER_FIELDS)
+    decoder_type: str = option("rnn", "decoder architecture", choices=DECODER_FIELDS)
+    cell_type: str = option("lstm", "RNN cell of the RNN encoder and decoder", choices=CELL_TYPES)
+    units: int = option(256, "size of the decoder (RNN units or Transformer model size), and of the encoder by default")
+    encoder_units: int | None = option(
+        None, "size of the encoder; a bidirectional RNN encoder's memory is twice it with merge_mode concat",
+        if_none="units",
+    )
+    embedding_dim: int | None = option(None, "size of the token embeddings of the RNN parts", if_none="their units")
+    encoder_layers: int = option(1, "number of stacked encoder layers")
+    decoder_layers: int = option(1, "number of stacked decoder layers")
+    bidirectional: bool = option(True, "let the RNN encoder read the source in both directions")
+    merge_mode: str = option("concat", "how a bidirectional RNN encoder joins its two directions", choices=MERGE_MODES)
+    attention: str = option(
+        "luong", "attention of the RNN decoder: multiplicative (luong) or additive (bahdanau)", choices=ATTENTION_KINDS
+    )
+    attention_score: str = option(
+        "general", "score of luong attention; dot and scaled_dot need equal encoder and decoder sizes",
+        choices=LuongAttention.SCORES,
+    )
+    attention_normalize: bool = option(False, "weight-normalize bahdanau attention")
+    input_feeding: bool = option(True, "feed each step's attentional vector into the next RNN decoder step (Luong et al.)")
+    tie_embeddings: bool = option(
+        False, "use the target embeddings as the decoder's output projection (RNN decoder: needs embedding_dim == units)"
+    )
+    dropout: float = option(0.2, "dropout rate of the RNN and Transformer layers")
+    bridge: str = option(
+        "dense", "initial state of the RNN decoder: projected from the encoder's final states (dense) or zeros",
+        choices=Bridge.KINDS,
+    )
+    num_heads: int = option(4, "attention heads of the Transformer layers")
+    ffn_dim: int | None = option(None, "inner size of the Transformer feed-forward layers", if_none="4 * the layer's size")
+    positions: str = option("sinusoidal", "position encoding of the Transformer layers", choices=POSITION_KINDS)
+    max_positions: int = option(
+        512, "positions a learned position table holds, at least the longest sequence (later ones reuse its last row)"
+    )
+    alignment_layer: int = option(
+        -1, "Transformer decoder layer whose cross-attention is reported as the alignment; -1: the last"
+    )
 
     def __post_init__(self):
-        if self.encoder_type not in self.ENCODER_FIELDS:
-            raise ValueError(f"model encoder_type must be one of {list(self.ENCODER_FIELDS)}, got {self.encoder_type!r}")
-        if self.decoder_type not in DECODER_FIELDS:
-            raise ValueError(f"model decoder_type must be one of {list(DECODER_FIELDS)}, got {self.decoder_type!r}")
+        check_choices(self, "model ")
         used = self.ENCODER_FIELDS[self.encoder_type] | DECODER_FIELDS[self.decoder_type]
         for field in dataclasses.fields(ModelSpec):
             if field.name in used or field.name.endswith("_type"):

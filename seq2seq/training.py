@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from seq2seq import distribute, keras_compat
 from seq2seq.cli import log
+from seq2seq.config import check_choices, option
 from seq2seq.losses import MaskedCrossEntropy, WarmupDecay
 from seq2seq.optimizers import FusedAdam
 from seq2seq.precision import CHOICES as PRECISION_CHOICES
@@ -45,34 +46,45 @@ class TrainingError(RuntimeError):
 class TrainingConfig:
     """Everything that decides how a model is trained (not what the model is)."""
 
-    output_dir: str
-    epochs: int = 10
-    max_steps: int | None = None
-    steps_per_checkpoint: int | None = None
-    learning_rate: float = 1e-3
-    warmup_steps: int = 0
-    decay: str = "constant"
-    clip_norm: float = 5.0
-    label_smoothing: float = 0.1
-    seed: int = 1234
-    keep_checkpoints: int = 5
-    early_stopping_patience: int | None = None
-    early_stopping_metric: str = "val_loss"
-    precision: str = "auto"
-    jit_compile: bool = False
-    tensorboard: bool = True
-    verbose: int = 1
-    distribution: str = "none"
+    output_dir: str = option(
+        dataclasses.MISSING, "run directory: config, vocabularies, checkpoints and logs; training resumes from it"
+    )
+    epochs: int = option(10, "passes over the training data, unless max_steps is set")
+    max_steps: int | None = option(None, "optimizer steps to train for, instead of epochs", if_none="epochs decide")
+    steps_per_checkpoint: int | None = option(
+        None, "optimizer steps between checkpoints, each with a validation", if_none="one epoch"
+    )
+    learning_rate: float = option(1e-3, "peak learning rate (after warm-up)")
+    warmup_steps: int = option(0, "steps over which the learning rate rises linearly to its peak")
+    decay: str = option(
+        "constant", "learning-rate schedule after warm-up (cosine needs max_steps)", choices=WarmupDecay.DECAYS
+    )
+    clip_norm: float = option(5.0, "global norm the gradients are clipped to; 0: no clipping")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss; 0: none")
+    seed: int = option(1234, "random seed of the initial weights and of the data order")
+    keep_checkpoints: int = option(5, "checkpoints kept in the run directory; older ones are deleted")
+    early_stopping_patience: int | None = option(
+        None, "stop after this many checkpoints without improvement of early_stopping_metric", if_none="never stop early"
+    )
+    early_stopping_metric: str = option(
+        "val_loss", "metric that picks the best weights and decides early stopping", choices=METRIC_MODES
+    )
+    precision: str = option(
+        "auto", "numeric precision; auto: bf16 on CPUs with bfloat16 matrix units, float32 elsewhere",
+        choices=PRECISION_CHOICES,
+    )
+    jit_compile: bool = option(False, "compile the training step with XLA")
+    tensorboard: bool = option(True, "write TensorBoard logs to logs/ in the run directory")
+    verbose: int = option(1, "progress output: 0 none, 1 a progress bar, 2 one line per checkpoint", choices=(0, 1, 2))
+    distribution: str = option(
+        "none", "tf.distribute strategy: mirrored over the local GPUs, multi_worker over the TF_CONFIG cluster",
+        choices=distribute.STRATEGIES,
+    )
 
     def __post_init__(self):
-        if self.distribution not in distribute.STRATEGIES:
-            raise ValueError(f"distribution must be one of {list(distribute.STRATEGIES)}, got {self.distribution!r}")
-        if self.precision not in PRECISION_CHOICES:
-            raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {self.precision!r}")
+        check_choices(self)
         if self.epochs < 1 and not self.max_steps:
             raise ValueError("train for at least one epoch or give max_steps")
-        if self.early_stopping_metric not in METRIC_MODES:
-            raise ValueError(f"early_stopping_metric must be one of {sorted(METRIC_MODES)}, got {self.early_stopping_metric!r}")
 
 
 class PlannedBatches:

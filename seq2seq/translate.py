@@ -5,10 +5,11 @@ import json
 import sys
 from pathlib import Path
 
-from seq2seq import cli
+from seq2seq import cli, streaming
 from seq2seq.config import is_run_dir
 
 SHIPPED_MODEL = cli.shipped_model("multi30k_en_de")
+SENTENCES_PER_CHUNK = 2000  # read, sorted by length, translated and written at a time: memory stays flat
 
 
 def resolve_model(path):
@@ -76,28 +77,54 @@ def translate_interactively(args, translator):
 
 
 def command_translate(args):
-    from seq2seq.tasks.translation.inference import translate_lines
-
     check_search_flags(args)
-    # (With --plot-alignment, stdin is read to the end first: the plot is of the first sentence.)
+    # (With --plot-alignment, even a terminal on stdin is read in chunks: the plot is of the first sentence.)
     interactive = not args.texts and args.input is None and not args.plot_alignment and sys.stdin.isatty()
     if interactive:
         return translate_interactively(args, load_translator(args))
-    lines = args.texts if args.texts else cli.read_input_lines(args.input)
+    lines = args.texts if args.texts else streaming.input_lines(args.input)
     translator = load_translator(args)
-    outputs = [] if args.plot_alignment else None
-    results = translate_lines(
-        translator, lines, beam_size=args.beam_size, n_best=args.n_best,
-        length_penalty=args.length_penalty, batch_size=args.batch_size, outputs=outputs,
-    )
-    for result in results:
-        print_translation(result, args.n_best)
-    if outputs:
-        from seq2seq.plotting import plot_alignment
+    try:
+        translate_in_chunks(args, translator, lines, total=input_size(args))
+    except BrokenPipeError:
+        return streaming.output_closed()
 
-        first = outputs[0][1]
-        plot_alignment(first["source_tokens"], first["target_tokens"], first["attention"], args.plot_alignment)
-        print(f"alignment of the first sentence written to {args.plot_alignment}", file=sys.stderr)
+
+def input_size(args):
+    """How many sentences `translate` will read, when a progress display wants it and it is cheap to know."""
+    if args.texts:
+        return len(args.texts)
+    if args.input is not None and streaming.progress_wanted():
+        return streaming.count_lines(args.input)
+    return None
+
+
+def translate_in_chunks(args, translator, lines, total=None):
+    """Translates `lines` (any iterable) SENTENCES_PER_CHUNK at a time, each chunk sorted by length
+    for speed, and writes each chunk's translations in input order as soon as it is done."""
+    from seq2seq.tasks.translation.inference import translate_lines
+
+    with streaming.Progress("sentences", total) as progress:
+        first_line = 1
+        for chunk in streaming.chunks(lines, SENTENCES_PER_CHUNK):
+            outputs = [] if args.plot_alignment and first_line == 1 else None
+            results = translate_lines(
+                translator, chunk, beam_size=args.beam_size, n_best=args.n_best, length_penalty=args.length_penalty,
+                batch_size=args.batch_size, outputs=outputs, first_line=first_line, warn=progress.write,
+            )
+            streaming.write_lines(result if args.n_best == 1 else "\t".join(result) for result in results)
+            progress.update(len(chunk))
+            if outputs:
+                plot_first_alignment(outputs[0][1], args.plot_alignment, progress.write)
+            first_line += len(chunk)
+
+
+def plot_first_alignment(output, path, note):
+    """The attention alignment of one raw output (the first sentence's) written to a PNG."""
+    from seq2seq.plotting import plot_alignment
+
+    plot_alignment(output["source_tokens"], output["target_tokens"], output["attention"], path)
+    note(f"alignment of the first sentence written to {path}")
 
 
 def command_evaluate(args):
@@ -154,8 +181,10 @@ def command_export(args):
 def add_model_flags(parser):
     cli.add_search_flags(parser, SHIPPED_MODEL, "Multi30k En->De model", beam_size=5, length_penalty=0.6, batch_size=64,
                          items="sentences")
-    parser.add_argument("--replace-unknown", action="store_true", help="replace <unk> outputs by the most attended source word (run dirs only)")
-    parser.add_argument("--average-last", type=int, metavar="N", help="average the last N checkpoints of a run dir")
+    parser.add_argument("--replace-unknown", action="store_true",
+                        help="replace <unk> outputs by the most attended source word (run dirs only; default: off)")
+    parser.add_argument("--average-last", type=int, metavar="N",
+                        help="average the last N checkpoints of a run dir (default: no averaging)")
 
 
 def build_parser():
@@ -163,7 +192,8 @@ def build_parser():
 
     parser = argparse.ArgumentParser(prog="python -m seq2seq.translate", description=__doc__)
     cli.add_tf_logs_flag(parser)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="what to do; COMMAND --help lists its flags")
     cli.add_train_command(
         commands, TranslationConfig, "Train a translation model from a YAML config and/or flags.", command_train, "BLEU"
     )
@@ -171,36 +201,39 @@ def build_parser():
     translate = commands.add_parser("translate", help="translate texts given as arguments, a file, or stdin",
                                     description="Translate sentences: arguments, --input FILE, or stdin to stdout, one output line per input line.")
     translate.add_argument("texts", nargs="*", help="sentences to translate (default: read lines from stdin)")
-    translate.add_argument("--input", help="file of sentences, one a line")
+    translate.add_argument("--input", help="file of sentences, one a line (default: stdin, unless sentences are given)")
     translate.add_argument("--n-best", type=int, default=1, help="hypotheses per sentence, tab-separated (default: 1)")
-    translate.add_argument("--plot-alignment", metavar="PNG", help="write the attention alignment of the first sentence to a PNG")
+    translate.add_argument("--plot-alignment", metavar="PNG",
+                           help="write the attention alignment of the first sentence to a PNG (default: no plot)")
     add_model_flags(translate)
     translate.set_defaults(handler=command_translate)
 
     evaluate = commands.add_parser("evaluate", help="sacreBLEU and chrF against references",
                                    description="Score hypotheses (or translate --source first) against a reference file with sacreBLEU (cased, 13a) and chrF.")
-    evaluate.add_argument("--references", required=True, help="reference translations, one a line")
-    evaluate.add_argument("--hypotheses", help="system output, one a line")
-    evaluate.add_argument("--source", help="source sentences to translate with --model instead of --hypotheses")
-    evaluate.add_argument("--json", help="also write the scores and signatures to this JSON file")
+    evaluate.add_argument("--references", required=True, help="reference translations, one a line (required)")
+    evaluate.add_argument("--hypotheses", help="system output, one a line (default: none, translate --source instead)")
+    evaluate.add_argument("--source", help="source sentences to translate with --model instead of --hypotheses (default: none)")
+    evaluate.add_argument("--json", help="also write the scores and signatures to this JSON file (default: not written)")
     add_model_flags(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
     export = commands.add_parser("export", help="write a SavedModel for TF Serving",
                                  description="Export a run as a SavedModel in TF Serving's <model>/<version>/ layout. "
                                  "serving_default: texts -> translations, scores (beam search in the graph).")
-    export.add_argument("--run-dir", help="the training run to export")
+    export.add_argument("--run-dir", help="the training run to export (default: none, give it or --from-model)")
     export.add_argument("--from-model", metavar="SAVEDMODEL",
                         help="instead of a run: a SavedModel this toolkit exported, written again with the current "
-                             "(faster) graph; same weights, int8 stays int8")
+                             "(faster) graph; same weights, int8 stays int8 (default: none)")
     export.add_argument("--output", default=str(Path("saved_models") / "translation"),
                         help="model dir; the version folder goes inside (default: saved_models/translation in the current directory)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--beam-size", type=int, default=5, help="beam width of serving_default (default: 5)")
     export.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha of serving_default (default: 0.6)")
-    export.add_argument("--replace-unknown", action="store_true", help="replace <unk> outputs by the most attended source word")
+    export.add_argument("--replace-unknown", action="store_true",
+                        help="replace <unk> outputs by the most attended source word (default: off)")
     export.add_argument("--weights", choices=("best", "last"), default="best", help="which weights (default: best)")
-    export.add_argument("--average-last", type=int, metavar="N", help="export the average of the last N checkpoints")
+    export.add_argument("--average-last", type=int, metavar="N",
+                        help="export the average of the last N checkpoints (default: no averaging)")
     export.add_argument("--quantize", choices=("none", "int8"), default="none",
                         help="int8: Dense and Embedding weights stored as int8 with per-channel scales, "
                              "about 4x smaller (default: none)")

@@ -2,36 +2,54 @@
 
 import dataclasses
 
-from seq2seq.config import SectionedConfig
+from seq2seq.config import SectionedConfig, check_choices, option, with_default
 from seq2seq.factory import ModelSpec
 from seq2seq.training import TrainingConfig
-from seq2seq.tasks.captioning.encoder import BACKBONES, check_small_cnn_options
+from seq2seq.tasks.captioning.encoder import (
+    ACTIVATIONS, BACKBONES, SMALL_CNN_FILTERS, SMALL_CNN_POOLS, check_small_cnn_options,
+)
+
+TFDS_NAMES = ("coco_captions",)
+BAD_FILE_ACTIONS = ("raise", "skip")  # what a missing or unreadable image file does: stop with an error, or be skipped
 
 
 @dataclasses.dataclass
 class DataConfig:
     """Where the captions come from: the built-in synthetic shapes, a Karpathy split JSON, TSV files or TFDS coco_captions."""
 
-    shapes_train: int | None = None
-    shapes_val: int = 200
-    shapes_seed: int = 0
-    karpathy_json: str | None = None
-    image_folder: str | None = None
-    train_tsv: str | None = None
-    valid_tsv: str | None = None
-    tfds_name: str | None = None
-    tfds_train_split: str = "train"
-    tfds_valid_split: str = "val"
-    tfds_data_dir: str | None = None
-    tfds_max_examples: int | None = None
-    on_missing: str = "raise"
-    on_error: str = "skip"
-    lowercase: bool = True
-    vocab_size: int = 10000
-    min_count: int = 1
-    max_caption_length: int = 30
+    shapes_train: int | None = option(None, "train on this many images of the built-in synthetic shapes data")
+    shapes_val: int = option(200, "synthetic shapes images to validate on; 0: no validation")
+    shapes_seed: int = option(0, "seed that draws the synthetic shapes images")
+    karpathy_json: str | None = option(
+        None, "Karpathy split dataset_*.json: trains on train and restval, validates on val (needs image_folder)"
+    )
+    image_folder: str | None = option(
+        None, "folder the image paths of karpathy_json or the TSV files are relative to", if_none="a TSV's own folder"
+    )
+    train_tsv: str | None = option(None, "training captions, one image_path<TAB>caption a line (several per image allowed)")
+    valid_tsv: str | None = option(None, "validation captions, in the format of train_tsv", if_none="no validation")
+    tfds_name: str | None = option(None, "TensorFlow Datasets data set to train on", choices=TFDS_NAMES)
+    tfds_train_split: str = option("train", "TFDS split to train on")
+    tfds_valid_split: str = option("val", "TFDS split to validate on")
+    tfds_data_dir: str | None = option(
+        None, "TFDS data dir where coco_captions is prepared (it is not downloaded)", if_none="TFDS's own"
+    )
+    tfds_max_examples: int | None = option(None, "read only the first N examples of each TFDS split", if_none="all")
+    on_missing: str = option(
+        "raise", "captions whose image file is missing: stop with an error, or skip them", choices=BAD_FILE_ACTIONS
+    )
+    on_error: str = option(
+        "skip", "image files that cannot be read: stop with an error, or skip them with a warning", choices=BAD_FILE_ACTIONS
+    )
+    lowercase: bool = option(True, "lowercase the captions before tokenizing")
+    vocab_size: int = option(10000, "largest vocabulary built from the training captions, reserved tokens included")
+    min_count: int = option(1, "words seen fewer times in the training captions become <unk>")
+    max_caption_length: int = option(
+        30, "longest caption in tokens: longer training captions are cut, and captioning stops there"
+    )
 
     def __post_init__(self):
+        check_choices(self)
         sources = [self.shapes_train is not None, bool(self.karpathy_json), bool(self.train_tsv), bool(self.tfds_name)]
         if sum(sources) != 1:
             raise ValueError(
@@ -44,12 +62,6 @@ class DataConfig:
             raise ValueError(f"--shapes-val must be at least 0, got {self.shapes_val}")
         if self.karpathy_json and not self.image_folder:
             raise ValueError("--karpathy-json needs --image-folder (the folder its image paths are relative to)")
-        if self.tfds_name and self.tfds_name != "coco_captions":
-            raise ValueError(f"--tfds-name must be 'coco_captions', got {self.tfds_name!r}")
-        if self.on_missing not in ("raise", "skip"):
-            raise ValueError(f"on_missing must be 'raise' or 'skip', got {self.on_missing!r}")
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.max_caption_length < 1:
             raise ValueError(f"max_caption_length must be at least 1, got {self.max_caption_length}")
 
@@ -62,27 +74,44 @@ class ModelConfig(ModelSpec):
 
     ENCODER_FIELDS = {"cnn": {"encoder_units"}}
 
-    encoder_type: str = "cnn"
-    attention: str = "bahdanau"
-    dropout: float = 0.0
-    backbone: str = "small_cnn"
-    backbone_weights: str | None = None
-    fine_tune: bool | None = None
-    cache_features: bool = False
-    image_size: int = 64
-    small_cnn_pools: int = 3
-    small_cnn_3x3_blocks: int = 4
-    grid_positions: bool = False
-    encoder_activation: str = "relu"
-    encoder_dropout: float = 0.0
+    encoder_type: str = with_default(ModelSpec, "encoder_type", "cnn")
+    attention: str = with_default(ModelSpec, "attention", "bahdanau")
+    dropout: float = with_default(ModelSpec, "dropout", 0.0)
+    backbone: str = option(
+        "small_cnn", "CNN that turns an image into a grid of features: small_cnn is trained from scratch, the others "
+        "come from keras.applications", choices=BACKBONES,
+    )
+    backbone_weights: str | None = option(
+        None, "starting weights of the backbone: imagenet (downloaded by Keras) or a .weights.h5 file", if_none="random"
+    )
+    fine_tune: bool | None = option(
+        None, "train the backbone along with the rest", if_none="small_cnn is trained, a pretrained backbone stays frozen"
+    )
+    cache_features: bool = option(
+        False, "run the frozen backbone once over the images and train on its saved features (needs --no-fine-tune)"
+    )
+    image_size: int = option(64, "images are resized to this many pixels square")
+    small_cnn_pools: int = option(
+        3, "small_cnn blocks that halve the grid; fewer give a finer grid whose cells see less of the image",
+        choices=SMALL_CNN_POOLS,
+    )
+    small_cnn_3x3_blocks: int = option(
+        4, "small_cnn blocks with 3x3 convolutions, the others 1x1; fewer: each grid cell sees less around it",
+        choices=range(len(SMALL_CNN_FILTERS) + 1),
+    )
+    grid_positions: bool = option(False, "add a learned vector per grid cell to the memory, so attention also reads where")
+    encoder_activation: str | None = option(
+        "relu", "activation of the projection of the image features; null in a config file: linear", choices=ACTIVATIONS
+    )
+    encoder_dropout: float = option(0.0, "dropout rate on the backbone features, before the projection")
     # Off by default: on the shapes data it sent consecutive words of one object to different
     # cells and cut attention localisation (saved_models/shapes_captioner/COMMAND.md).
-    attention_regularizer: float = 0.0
+    attention_regularizer: float = option(
+        0.0, "weight of the doubly stochastic attention penalty: every grid cell attended about equally over a caption"
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if self.backbone == "small_cnn" and self.backbone_weights == "imagenet":
             raise ValueError("small_cnn has no ImageNet weights; train it from scratch (no --backbone-weights)")
         check_small_cnn_options(self.backbone, self.small_cnn_pools, self.small_cnn_3x3_blocks)
@@ -98,16 +127,18 @@ class ModelConfig(ModelSpec):
 class BatchConfig:
     """Batches of `batch_size` captions (each with its image).
 
-    sort_by_length: cut batches from captions sorted by length (less padding). None (the default)
-    sorts only when the backbone is frozen: caption length follows the scene (one object, short
-    caption; three objects, long caption), so sorted batches hold alike images, and a fine-tuned
-    backbone's BatchNorm would then train on batch statistics that tell the scene apart but that
-    its moving averages, used at inference, do not (validation loss far above training loss).
+    Sorting by length (sort_by_length) is left off by default for a fine-tuned backbone:
+    caption length follows the scene (one object, short caption; three objects, long caption),
+    so sorted batches hold alike images, and a fine-tuned backbone's BatchNorm would then train
+    on batch statistics that tell the scene apart but that its moving averages, used at
+    inference, do not (validation loss far above training loss).
     """
 
-    batch_size: int = 64
-    pad_to_multiple: int = 1
-    sort_by_length: bool | None = None
+    batch_size: int = option(64, "captions per batch, each with its image")
+    pad_to_multiple: int = option(1, "pad each batch's length to a multiple of this (fewer shapes to compile)")
+    sort_by_length: bool | None = option(
+        None, "cut batches from captions sorted by length, for less padding", if_none="only with a frozen backbone"
+    )
 
     def __post_init__(self):
         if self.batch_size < 1:

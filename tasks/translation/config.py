@@ -2,29 +2,38 @@
 
 import dataclasses
 
-from seq2seq.config import SectionedConfig
+from seq2seq.config import SectionedConfig, check_choices, option
 from seq2seq.factory import ModelSpec
 from seq2seq.training import TrainingConfig
+
+SCHEMES = ("word", "sentencepiece")
+SENTENCEPIECE_MODEL_TYPES = ("unigram", "bpe", "char", "word")  # SentencePiece's trainer's model_type
 
 
 @dataclasses.dataclass
 class DataConfig:
     """Where the parallel data comes from: line-aligned files, a TSV file or a TFDS name."""
 
-    train_source: str | None = None
-    train_target: str | None = None
-    train_tsv: str | None = None
-    valid_source: str | None = None
-    valid_target: str | None = None
-    valid_tsv: str | None = None
-    tfds_name: str | None = None
-    tfds_train_split: str = "train"
-    tfds_valid_split: str = "validation"
-    tfds_data_dir: str | None = None
-    source_lang: str | None = None
-    target_lang: str | None = None
-    max_source_length: int = 100
-    max_target_length: int = 100
+    train_source: str | None = option(None, "training source sentences, one a line (with train_target)")
+    train_target: str | None = option(None, "training target sentences, line by line the translations of train_source")
+    train_tsv: str | None = option(None, "training pairs, one source<TAB>target a line")
+    valid_source: str | None = option(None, "validation source sentences, one a line (with valid_target)")
+    valid_target: str | None = option(None, "validation target sentences, line-aligned with valid_source")
+    valid_tsv: str | None = option(None, "validation pairs, one source<TAB>target a line")
+    tfds_name: str | None = option(None, "TensorFlow Datasets translation data set, e.g. ted_hrlr_translate/pt_to_en")
+    tfds_train_split: str = option("train", "TFDS split to train on")
+    tfds_valid_split: str = option("validation", "TFDS split to validate on")
+    tfds_data_dir: str | None = option(None, "where TFDS keeps its data sets", if_none="TFDS's own, ~/tensorflow_datasets")
+    source_lang: str | None = option(
+        None, "TFDS feature of the source language, e.g. de", if_none="the data set's supervised keys"
+    )
+    target_lang: str | None = option(
+        None, "TFDS feature of the target language, e.g. en", if_none="the data set's supervised keys"
+    )
+    max_source_length: int = option(
+        100, "longest source in tokens: longer training pairs are dropped, longer inputs to translate are cut"
+    )
+    max_target_length: int = option(100, "longest target in tokens: longer training pairs are dropped")
 
     def __post_init__(self):
         sources = [bool(self.train_source or self.train_target), bool(self.train_tsv), bool(self.tfds_name)]
@@ -40,18 +49,22 @@ class DataConfig:
 
 @dataclasses.dataclass
 class TokenizationConfig:
-    """scheme "word" (core TF string ops; stock TF Serving) or "sentencepiece" (needs tensorflow-text ops)."""
+    """How sentences become tokens, and the vocabularies."""
 
-    scheme: str = "word"
-    lowercase: bool = False
-    source_vocab_size: int = 8000
-    target_vocab_size: int = 8000
-    min_count: int = 1
-    sentencepiece_model_type: str = "unigram"
+    scheme: str = option(
+        "word", "word: words and punctuation (core TF ops, stock TF Serving); sentencepiece: subwords "
+        "(needs tensorflow-text ops)", choices=SCHEMES,
+    )
+    lowercase: bool = option(False, "lowercase the text before tokenizing (word scheme)")
+    source_vocab_size: int = option(8000, "size of the source vocabulary (or SentencePiece model), reserved tokens included")
+    target_vocab_size: int = option(8000, "size of the target vocabulary (or SentencePiece model), reserved tokens included")
+    min_count: int = option(1, "words seen fewer times in the training data become <unk> (word scheme)")
+    sentencepiece_model_type: str = option(
+        "unigram", "SentencePiece segmentation algorithm (sentencepiece scheme)", choices=SENTENCEPIECE_MODEL_TYPES
+    )
 
     def __post_init__(self):
-        if self.scheme not in ("word", "sentencepiece"):
-            raise ValueError(f"tokenization scheme must be 'word' or 'sentencepiece', got {self.scheme!r}")
+        check_choices(self, "tokenization ")
 
 
 @dataclasses.dataclass
@@ -61,12 +74,18 @@ class ModelConfig(ModelSpec):
 
 @dataclasses.dataclass
 class BatchConfig:
-    """Batches of `batch_size` sentences, or of at most `max_tokens` padded target tokens."""
+    """Batches of `batch_size` sentence pairs, or of at most `max_tokens` padded tokens."""
 
-    batch_size: int | None = 64
-    max_tokens: int | None = None
-    bucket_width: int | None = None
-    pad_to_multiple: int = 1
+    batch_size: int | None = option(64, "sentence pairs per batch (max_tokens, when set, replaces it)")
+    max_tokens: int | None = option(
+        None, "instead of batch_size: at most this many padded tokens per batch (pairs times the longest one)",
+        if_none="batch_size decides",
+    )
+    bucket_width: int | None = option(
+        None, "sort pairs into length buckets of this width before batching (more varied batches, a little more padding)",
+        if_none="sort by exact length",
+    )
+    pad_to_multiple: int = option(1, "pad each batch's length to a multiple of this (fewer shapes to compile)")
 
     def __post_init__(self):
         if self.max_tokens:
