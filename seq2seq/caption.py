@@ -243,7 +243,7 @@ def build_parser():
     from seq2seq.tasks.captioning.config import CaptionConfig
 
     parser = argparse.ArgumentParser(prog="python -m seq2seq.caption", description=__doc__)
-    cli.add_tf_logs_flag(parser)
+    cli.add_global_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      help="what to do; COMMAND --help lists its flags")
     cli.add_train_command(

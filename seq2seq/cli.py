@@ -103,7 +103,13 @@ def train_config(config_class, args):
     return config_class.from_dict(values)
 
 
-def add_tf_logs_flag(parser):
+def add_global_flags(parser):
+    """The flags every command has before its subcommand: --version and --tf-logs."""
+    from seq2seq import __version__
+    from seq2seq.keras_compat import TESTED_WITH
+
+    parser.add_argument("--version", action="version", version=f"seq2seq {__version__} (verified with {TESTED_WITH})",
+                        help="print the version and exit")
     parser.add_argument("--tf-logs", action="store_true",
                         help="show TensorFlow's native log lines on stderr (hidden by default; with "
                              "TF_CPP_MIN_LOG_LEVEL set in the environment, TensorFlow's own filtering applies)")

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 import weakref
@@ -286,6 +287,30 @@ class ValidationScore(keras.callbacks.Callback):
         log(message)
 
 
+class _CheckpointLine(keras.callbacks.Callback):
+    """One line a checkpoint, for logs that are files or pipes (where a progress bar would
+    write thousands of `\r` updates): step, losses, validation metrics, throughput, elapsed time."""
+
+    NAMES = {"target_tokens_per_second": "target tokens/s"}
+
+    def __init__(self, num_checkpoints):
+        super().__init__()
+        self.num_checkpoints = num_checkpoints
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        parts = [f"checkpoint {epoch + 1}/{self.num_checkpoints}", f"step {step}"]
+        for name, value in (logs or {}).items():
+            if name == "learning_rate":
+                continue
+            shown = f"{value:.0f}" if name == "target_tokens_per_second" else f"{value:.4g}"
+            parts.append(f"{self.NAMES.get(name, name)}: {shown}")
+        elapsed = int(time.perf_counter() - self.start)
+        parts.append(f"elapsed {elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}")
+        log(", ".join(parts))
+
+
 class _StopAtStep(keras.callbacks.Callback):
     """Ends training at exactly `last_step`: the last checkpoint interval is shorter when
     `max_steps` is not a multiple of it (Keras still ends that interval: validation, checkpoint)."""
@@ -463,11 +488,17 @@ class Trainer:
                 print("training already finished for this output dir")
             return None
         # Callbacks that add metrics (e.g. validation BLEU) run before the checkpoint reads them.
-        throughput = [_Throughput(batches, verbose=config.verbose)] if batches.target_lengths is not None else []
+        # A progress bar on a terminal; in a log file or pipe one line per checkpoint instead.
+        interactive = sys.stdout.isatty()
+        throughput = (
+            [_Throughput(batches, verbose=config.verbose and interactive)] if batches.target_lengths is not None else []
+        )
+        checkpoint_lines = [] if interactive or not config.verbose else [_CheckpointLine(num_chunks)]
         all_callbacks = [
             _StopAtStep(total_steps),
             *throughput,
             *callbacks,
+            *checkpoint_lines,
             _CheckpointAndStop(
                 self.manager, self.chunk, self.best, self.bad_chunks, config.early_stopping_patience,
                 str(self.write_dir / "best.weights.h5"), config.early_stopping_metric, config.verbose,
@@ -484,7 +515,7 @@ class Trainer:
                 steps_per_epoch=steps_per_chunk,
                 callbacks=all_callbacks,
                 shuffle=False,
-                verbose=config.verbose,
+                verbose=config.verbose if interactive else 0,
             )
         except distribute.CLUSTER_ERRORS as error:
             if not distribute.is_multi_worker(self.strategy):

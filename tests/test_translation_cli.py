@@ -7,6 +7,7 @@ imported); stdin handling and one error path run as real subprocesses.
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -507,3 +508,27 @@ def test_translate_lines_decodes_batches_side_by_side_and_keeps_input_order():
     one_at_a_time = SlowFirstBatches()
     assert translate_lines(one_at_a_time, lines, batch_size=4, concurrent_batches=1) == expected
     assert one_at_a_time.most_at_once == 1
+
+
+def test_train_logged_to_a_file_writes_one_line_per_checkpoint_and_no_progress_bar(capsys, tmp_path, toy_corpus):
+    """stdout and stderr are not terminals here (as in a redirected log): no `\\r` updates, one
+    line a checkpoint with the step, losses, throughput and elapsed time."""
+    code = cli("train", "--train-source", toy_corpus / "train.en", "--train-target", toy_corpus / "train.de",
+               "--valid-source", toy_corpus / "train.en", "--valid-target", toy_corpus / "train.de",
+               "--output-dir", tmp_path / "run", "--max-steps", 6, "--steps-per-checkpoint", 3,
+               "--no-validation-bleu", *TINY_MODEL, "--verbose", 1)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "\r" not in out and "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("checkpoint ")]
+    assert [line.split(",")[0] for line in lines] == ["checkpoint 1/2", "checkpoint 2/2"]
+    assert "step 3, loss: " in lines[0] and "val_loss: " in lines[0] and "step 6," in lines[1]
+    assert re.search(r"target tokens/s: \d+, .*elapsed \d+:\d\d:\d\d$", lines[1]), lines[1]
+
+
+def test_version_names_the_verified_keras_and_tensorflow(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli("--version")
+    assert exit_info.value.code == 0
+    assert re.fullmatch(r"seq2seq \d+\.\d+\.\d+ \(verified with Keras \d+\.\d+ and TensorFlow \d+\.\d+\)\n",
+                        capsys.readouterr().out)
