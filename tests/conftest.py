@@ -28,6 +28,12 @@ SAMPLE_SENTENCES = ["a man is riding a bike .", "the girl sees a ball .", "a dog
 TINY_MODEL = ["--units", "16", "--dropout", "0", "--label-smoothing", "0", "--learning-rate", "0.02",
               "--batch-size", "32", "--verbose", "0", "--no-tensorboard"]
 
+TINY_CAPTION_TRAIN = [
+    "--shapes-train", "40", "--shapes-val", "8", "--shapes-seed", "3", "--image-size", "32", "--units", "16",
+    "--batch-size", "16", "--max-steps", "4", "--steps-per-checkpoint", "2", "--no-tensorboard", "--verbose", "0",
+]
+
+
 # What TensorFlow's C++ runtime writes to stderr on import whatever TF_CPP_MIN_LOG_LEVEL says.
 _TF_NOISE = re.compile(
     r"^([IWEF]\d{4} \S+ +\d+ \S+:\d+\]|WARNING: All log messages before absl"
@@ -154,3 +160,13 @@ def word_translator(word_model):
 
     run = TranslationRun.load(word_model[0])
     return run.translator(run.load_model())
+
+
+@pytest.fixture(scope="session")
+def tiny_caption_run(tmp_path_factory):
+    """A tiny captioning run (a few steps on 32x32 synthetic shapes), trained once for the suite."""
+    from seq2seq import caption
+
+    run_dir = tmp_path_factory.mktemp("caption") / "run"
+    assert caption.main(["train", *TINY_CAPTION_TRAIN, "--output-dir", str(run_dir)]) == 0
+    return run_dir

@@ -15,13 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import TINY_CAPTION_TRAIN as TINY_TRAIN
 from seq2seq import caption
 from seq2seq.tasks.captioning import shapes
 
-TINY_TRAIN = [
-    "--shapes-train", "40", "--shapes-val", "8", "--shapes-seed", "3", "--image-size", "32", "--units", "16",
-    "--batch-size", "16", "--max-steps", "4", "--steps-per-checkpoint", "2", "--no-tensorboard", "--verbose", "0",
-]
 
 
 def run_cli(capsys, *argv):
@@ -45,16 +42,9 @@ def test_bad_config_file_is_one_error_line(capsys, tmp_path, text, message):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("caption") / "run"
-    assert caption.main(["train", *TINY_TRAIN, "--output-dir", str(run_dir)]) == 0
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tiny_run):
-    model_dir = tiny_run.parent / "exported"
-    assert caption.main(["export", "--run-dir", str(tiny_run), "--output", str(model_dir)]) == 0
+def tiny_export(tiny_caption_run):
+    model_dir = tiny_caption_run.parent / "exported"
+    assert caption.main(["export", "--run-dir", str(tiny_caption_run), "--output", str(model_dir)]) == 0
     return model_dir / "1"
 
 
@@ -78,49 +68,49 @@ def images(tmp_path_factory):
     }
 
 
-def test_train_writes_a_run_and_resumes(tiny_run, capsys):
+def test_train_writes_a_run_and_resumes(tiny_caption_run, capsys):
     for name in ("config.yaml", "captions.vocab", "best.weights.h5", "checkpoints", "training_summary.json"):
-        assert (tiny_run / name).exists(), name
-    vocab = (tiny_run / "captions.vocab").read_text().split("\n")
+        assert (tiny_caption_run / name).exists(), name
+    vocab = (tiny_caption_run / "captions.vocab").read_text().split("\n")
     assert vocab[:4] == ["<pad>", "<unk>", "<s>", "</s>"] and "circle" in vocab
-    summary = json.loads((tiny_run / "training_summary.json").read_text())
+    summary = json.loads((tiny_caption_run / "training_summary.json").read_text())
     assert summary["step"] == 4 and "val_bleu" in summary["history"]
-    checkpoints = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
-    code, out, err = run_cli(capsys, "train", *TINY_TRAIN[:-2], "--verbose", "1", "--output-dir", tiny_run)
+    checkpoints = sorted(p.name for p in (tiny_caption_run / "checkpoints").iterdir())
+    code, out, err = run_cli(capsys, "train", *TINY_TRAIN[:-2], "--verbose", "1", "--output-dir", tiny_caption_run)
     assert code == 0
     assert "holds a run: continuing it" in err and "training already finished" in out
-    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == checkpoints
+    assert sorted(p.name for p in (tiny_caption_run / "checkpoints").iterdir()) == checkpoints
 
 
-def test_mirrored_training_on_one_cpu_matches_plain_training(tiny_run, tmp_path, capsys):
+def test_mirrored_training_on_one_cpu_matches_plain_training(tiny_caption_run, tmp_path, capsys):
     """`--distribution mirrored` (one CPU replica) runs the strategy code path and, with the
     same seed, follows the loss curve of the run without a strategy."""
     code, _, err = run_cli(capsys, "train", *TINY_TRAIN, "--distribution", "mirrored", "--output-dir", tmp_path / "run")
     assert code == 0, err
-    plain = json.loads((tiny_run / "training_summary.json").read_text())["history"]
+    plain = json.loads((tiny_caption_run / "training_summary.json").read_text())["history"]
     mirrored = json.loads((tmp_path / "run" / "training_summary.json").read_text())["history"]
     assert len(mirrored["loss"]) == len(plain["loss"]) == 2
     np.testing.assert_allclose(mirrored["loss"], plain["loss"], rtol=0, atol=1e-4)
     np.testing.assert_allclose(mirrored["val_loss"], plain["val_loss"], rtol=0, atol=1e-4)
 
 
-def test_caption_one_line_per_image_in_order(tiny_run, images, capsys):
+def test_caption_one_line_per_image_in_order(tiny_caption_run, images, capsys):
     paths = [*images["good"], images["odd"], images["jpeg"]]
-    code, out, err = run_cli(capsys, "caption", *paths, "--model", tiny_run, "--beam-size", "2")
+    code, out, err = run_cli(capsys, "caption", *paths, "--model", tiny_caption_run, "--beam-size", "2")
     assert code == 0, err
     lines = out.split("\n")[:-1]
     assert len(lines) == len(paths) and all(line.strip() for line in lines)
     # --input FILE gives the same captions
     listing = images["good"][0].parent / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in paths))
-    code, out_file, _ = run_cli(capsys, "caption", "--input", listing, "--model", tiny_run, "--beam-size", "2")
+    code, out_file, _ = run_cli(capsys, "caption", "--input", listing, "--model", tiny_caption_run, "--beam-size", "2")
     assert code == 0 and out_file == out
 
 
 @pytest.mark.parametrize("bad", ["not_image", "truncated"])
-def test_caption_skips_bad_images_with_a_warning_and_a_count(tiny_run, images, capsys, bad):
+def test_caption_skips_bad_images_with_a_warning_and_a_count(tiny_caption_run, images, capsys, bad):
     paths = [images["good"][0], images[bad], images["good"][1]]
-    code, out, err = run_cli(capsys, "caption", *paths, "--model", tiny_run, "--beam-size", "1")
+    code, out, err = run_cli(capsys, "caption", *paths, "--model", tiny_caption_run, "--beam-size", "1")
     assert code == 0
     lines = out.split("\n")[:-1]
     assert len(lines) == 3 and lines[0] and lines[1] == "" and lines[2]
@@ -129,16 +119,16 @@ def test_caption_skips_bad_images_with_a_warning_and_a_count(tiny_run, images, c
     assert "Traceback" not in err
 
 
-def test_caption_on_error_raise_is_a_one_line_error(tiny_run, images, capsys):
-    code, out, err = run_cli(capsys, "caption", images["good"][0], images["not_image"], "--model", tiny_run, "--on-error", "raise")
+def test_caption_on_error_raise_is_a_one_line_error(tiny_caption_run, images, capsys):
+    code, out, err = run_cli(capsys, "caption", images["good"][0], images["not_image"], "--model", tiny_caption_run, "--on-error", "raise")
     assert code == 2 and out == ""
     assert err.startswith(f"error: {images['not_image']}: ") and err.count("\n") == 1
 
 
-def test_caption_only_bad_or_missing_images(tiny_run, images, capsys):
-    code, _, err = run_cli(capsys, "caption", images["not_image"], "--model", tiny_run)
+def test_caption_only_bad_or_missing_images(tiny_caption_run, images, capsys):
+    code, _, err = run_cli(capsys, "caption", images["not_image"], "--model", tiny_caption_run)
     assert code == 2 and err.strip().endswith("error: none of the 1 images could be read")
-    code, _, err = run_cli(capsys, "caption", images["good"][0].parent / "missing.png", "--model", tiny_run, "--on-error", "raise")
+    code, _, err = run_cli(capsys, "caption", images["good"][0].parent / "missing.png", "--model", tiny_caption_run, "--on-error", "raise")
     assert code == 2 and "missing.png" in err and "Traceback" not in err
 
 
@@ -149,9 +139,9 @@ def test_caption_errors_for_missing_model_and_bad_beam(tmp_path, images, capsys)
     assert code == 2 and "--beam-size must be at least 1" in err
 
 
-def test_caption_plot_attention(tiny_run, images, tmp_path, capsys):
+def test_caption_plot_attention(tiny_caption_run, images, tmp_path, capsys):
     png = tmp_path / "attention.png"
-    code, _, err = run_cli(capsys, "caption", images["good"][0], "--model", tiny_run, "--plot-attention", png)
+    code, _, err = run_cli(capsys, "caption", images["good"][0], "--model", tiny_caption_run, "--plot-attention", png)
     assert code == 0 and png.stat().st_size > 1000 and "attention of the first image" in err
 
 
@@ -170,14 +160,14 @@ def test_evaluate_shapes_greedy_and_beam(tiny_export, tmp_path, capsys):
         assert len(result["captions"]) == 6 and "words" in result and "localisation" in result
 
 
-def test_evaluate_tsv_with_missing_images(tiny_run, images, tmp_path, capsys):
+def test_evaluate_tsv_with_missing_images(tiny_caption_run, images, tmp_path, capsys):
     tsv = tmp_path / "test.tsv"
     tsv.write_text(f"{images['good'][0]}\ta red circle\n{tmp_path / 'gone.png'}\ta blue square\n")
-    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_run, "--tsv", tsv, "--beam-size", "1")
+    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_caption_run, "--tsv", tsv, "--beam-size", "1")
     assert code == 2 and "1 of 2 images referenced by captions are missing" in err and "gone.png" in err
-    code, out, err = run_cli(capsys, "evaluate", "--model", tiny_run, "--tsv", tsv, "--beam-size", "1", "--on-missing", "skip")
+    code, out, err = run_cli(capsys, "evaluate", "--model", tiny_caption_run, "--tsv", tsv, "--beam-size", "1", "--on-missing", "skip")
     assert code == 0 and "greedy: BLEU-1" in out and "(1 images;" in out
-    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_run)
+    code, _, err = run_cli(capsys, "evaluate", "--model", tiny_caption_run)
     assert code == 2 and "give the evaluation data one way" in err
 
 
@@ -250,13 +240,13 @@ def test_train_tfds_coco_mock(tmp_path, capsys):
     assert (tmp_path / "coco" / "best.weights.h5").is_file()
 
 
-def test_export_signatures_and_in_process_equality(tiny_run, tiny_export, images):
+def test_export_signatures_and_in_process_equality(tiny_caption_run, tiny_export, images):
     import tensorflow as tf
 
     from seq2seq.tasks.captioning.pipeline import CaptionRun
 
     assert (tiny_export / "saved_model.pb").is_file() and (tiny_export / "assets.extra" / "config.yaml").is_file()
-    run = CaptionRun.load(tiny_run)
+    run = CaptionRun.load(tiny_caption_run)
     captioner = run.captioner(run.load_model())
     data = tf.constant([p.read_bytes() for p in [*images["good"], images["odd"], images["jpeg"]]])
     expected = captioner.caption_bytes(data, tf.constant(3), tf.constant(0.0))
@@ -288,7 +278,7 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def test_export_loads_in_a_fresh_process_without_this_project(tiny_run, tiny_export, images, tmp_path, capsys):
+def test_export_loads_in_a_fresh_process_without_this_project(tiny_caption_run, tiny_export, images, tmp_path, capsys):
     paths = [*images["good"], images["jpeg"]]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     # -I: isolated mode, so neither the working directory nor PYTHONPATH can put this project on sys.path.
@@ -299,7 +289,7 @@ def test_export_loads_in_a_fresh_process_without_this_project(tiny_run, tiny_exp
     assert done.returncode == 0, done.stderr[-2000:]
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
     assert fresh["leaked"] == []
-    code, out, _ = run_cli(capsys, "caption", *paths, "--model", tiny_run, "--beam-size", "3")
+    code, out, _ = run_cli(capsys, "caption", *paths, "--model", tiny_caption_run, "--beam-size", "3")
     # The CLI loads with Pillow, the export decodes in-graph. PNGs decode to identical pixels;
     # JPEG decoders may differ by a level on some pixels, and this untrained model's long
     # near-tie outputs can then fork late, so the JPEG caption is compared on its start.
@@ -340,8 +330,8 @@ def test_export_holds_only_stock_tf_ops(tiny_export):
     assert {"DecodeImage", "While"} & set(report["op_types"]) or "StatelessWhile" in report["op_types"]
 
 
-def test_export_refuses_an_existing_version(tiny_run, tiny_export, capsys):
-    code, _, err = run_cli(capsys, "export", "--run-dir", tiny_run, "--output", tiny_export.parent, "--version", "1")
+def test_export_refuses_an_existing_version(tiny_caption_run, tiny_export, capsys):
+    code, _, err = run_cli(capsys, "export", "--run-dir", tiny_caption_run, "--output", tiny_export.parent, "--version", "1")
     assert code == 2 and "exists and is not empty" in err
 
 

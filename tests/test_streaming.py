@@ -20,7 +20,6 @@ from PIL import Image
 from conftest import PROJECT_ROOT, SAMPLE_SENTENCES, cli, user_stderr, write_lines
 from seq2seq import caption, streaming
 from seq2seq.cli import CommandError
-from test_caption_cli import TINY_TRAIN
 
 # One input line pattern for the subprocess runs: sentences of different lengths, an empty
 # and a whitespace-only line; 7 does not divide the chunk size, so chunks start mid-pattern.
@@ -339,13 +338,6 @@ def test_50000_lines_from_a_pipe_stream_out_in_order_with_flat_memory(tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def captioner_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("streaming_caption") / "run"
-    assert caption.main(["train", *TINY_TRAIN, "--output-dir", str(run_dir)]) == 0
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
     """Four images with mixed-case extensions, an HTML page named .png, a text file, and a folder
     without images (named like an image)."""
@@ -368,8 +360,8 @@ def run_caption(capsys, *argv):
     return code, out, err
 
 
-def test_a_directory_and_a_glob_pattern_stand_for_their_images_sorted(capsys, captioner_run, photo_folder, small_chunks):
-    model = ["--model", captioner_run, "--beam-size", 1]
+def test_a_directory_and_a_glob_pattern_stand_for_their_images_sorted(capsys, tiny_caption_run, photo_folder, small_chunks):
+    model = ["--model", tiny_caption_run, "--beam-size", 1]
     by_name = [photo_folder / name for name in ("a.PNG", "b.png", "broken.png", "c.webp", "d.JPG")]
     code, explicit, err = run_caption(capsys, "caption", *by_name, *model)
     assert code == 0, err
@@ -389,37 +381,37 @@ def test_a_directory_and_a_glob_pattern_stand_for_their_images_sorted(capsys, ca
     ("{folder}/*.gif", "{folder}/*.gif: no files match this pattern"),
     ("{folder}/empty.jpg", "{folder}/empty.jpg: directory holds no image files (jpg, jpeg, png, gif, webp, bmp)"),
 ])
-def test_a_pattern_matching_nothing_or_an_empty_directory_is_a_one_line_error(capsys, captioner_run, photo_folder,
+def test_a_pattern_matching_nothing_or_an_empty_directory_is_a_one_line_error(capsys, tiny_caption_run, photo_folder,
                                                                                 argument, message):
     code, out, err = run_caption(capsys, "caption", photo_folder / "a.PNG", argument.format(folder=photo_folder),
-                                 "--model", captioner_run)
+                                 "--model", tiny_caption_run)
     assert code == 2 and out == ""
     assert err.splitlines() == [f"error: {message.format(folder=photo_folder)}"]
 
 
-def test_unreadable_images_across_chunks_keep_their_empty_lines(capsys, captioner_run, photo_folder, small_chunks):
+def test_unreadable_images_across_chunks_keep_their_empty_lines(capsys, tiny_caption_run, photo_folder, small_chunks):
     broken, good = photo_folder / "broken.png", photo_folder / "a.PNG"
-    code, out, err = run_caption(capsys, "caption", broken, broken, good, broken, broken, "--model", captioner_run)
+    code, out, err = run_caption(capsys, "caption", broken, broken, good, broken, broken, "--model", tiny_caption_run)
     assert code == 0, err
     lines = out.split("\n")
     assert len(lines) == 6 and [bool(line) for line in lines] == [False, False, True, False, False, False]
     assert "skipped 4 of 5 images" in err
-    code, out, err = run_caption(capsys, "caption", broken, broken, broken, "--model", captioner_run)
+    code, out, err = run_caption(capsys, "caption", broken, broken, broken, "--model", tiny_caption_run)
     assert code == 2 and out == ""
     assert err.strip().endswith("error: none of the 3 images could be read")
-    code, out, err = run_caption(capsys, "caption", good, good, broken, good, "--model", captioner_run, "--on-error", "raise")
+    code, out, err = run_caption(capsys, "caption", good, good, broken, good, "--model", tiny_caption_run, "--on-error", "raise")
     assert code == 2 and out.count("\n") == 2
     assert err.splitlines()[-1].startswith(f"error: {broken}: ")
 
 
-def test_caption_paths_on_stdin_are_read_chunk_by_chunk(monkeypatch, captioner_run, photo_folder, small_chunks, tmp_path):
+def test_caption_paths_on_stdin_are_read_chunk_by_chunk(monkeypatch, tiny_caption_run, photo_folder, small_chunks, tmp_path):
     paths = [photo_folder / name for name in ("a.PNG", "b.png", "c.webp", "d.JPG", "a.PNG")]
     stdin = RecordingStdin([f"{path}\n".encode() for path in paths[:2]] + [b"\n"] + [f"{p}\n".encode() for p in paths[2:]])
     stdout = RecordingStdout(stdin)
     monkeypatch.setattr(sys, "stdin", stdin)
     monkeypatch.setattr(sys, "stdout", stdout)
     png = tmp_path / "attention.png"
-    assert caption.main(["caption", "--model", str(captioner_run), "--beam-size", "1", "--plot-attention", str(png)]) == 0
+    assert caption.main(["caption", "--model", str(tiny_caption_run), "--beam-size", "1", "--plot-attention", str(png)]) == 0
     lines = stdout.getvalue().split("\n")[:-1]
     assert len(lines) == 5 and all(lines)
     assert stdout.flushes[:3] == [(2, 2), (5, 4), (6, 5)]  # the blank line on stdin is skipped, as before
