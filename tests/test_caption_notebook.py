@@ -9,6 +9,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from seq2seq.quiet import is_native_log_line
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "caption_images.ipynb"
 SHIPPED = ROOT / "saved_models" / "shapes_captioner"
@@ -48,7 +50,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     }))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     monkeypatch.delenv("CAPTIONER_MODEL", raising=False)  # the shipped model, always
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)  # the notebook itself keeps TensorFlow quiet
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     start = time.perf_counter()
@@ -58,6 +60,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "loaded " in text and "shapes_captioner" in text and text.count("model:") == 4
+    native = [line for line in text.splitlines(keepends=True) if is_native_log_line(line.encode())]
+    assert not native, native
     figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert len(figures) == 4
     assert elapsed < 90, f"the notebook took {elapsed:.0f} s"
