@@ -1,6 +1,5 @@
 """python -m seq2seq.caption {train,caption,evaluate,export}: image captioning from the terminal."""
 
-import argparse
 import glob
 import itertools
 import json
@@ -242,10 +241,7 @@ def add_model_flags(parser):
 def build_parser():
     from seq2seq.tasks.captioning.config import CaptionConfig
 
-    parser = argparse.ArgumentParser(prog="python -m seq2seq.caption", description=__doc__)
-    cli.add_global_flags(parser)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     help="what to do; COMMAND --help lists its flags")
+    parser, commands = cli.command_parser("python -m seq2seq.caption", __doc__)
     cli.add_train_command(
         commands, CaptionConfig, "Train a captioning model from a YAML config and/or flags. Data: the built-in synthetic "
         "shapes (--shapes-train N), a Karpathy split JSON with --image-folder, TSV files (image<TAB>caption) or TFDS "
@@ -287,19 +283,12 @@ def build_parser():
     add_model_flags(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
-    export = commands.add_parser("export", help="write a SavedModel for TF Serving",
-                                 description="Export a run as a SavedModel in TF Serving's <model>/<version>/ layout. "
-                                 "serving_default: encoded images (JPEG/PNG bytes) -> captions, scores (decoding, resizing "
-                                 "and beam search in the graph); caption_with_attention: images, beam_size -> also tokens "
-                                 "and attention weights.")
+    export = cli.add_export_command(
+        commands, "serving_default: encoded images (JPEG/PNG bytes) -> captions, scores (decoding, resizing and beam "
+        "search in the graph); caption_with_attention: images, beam_size -> also tokens and attention weights.",
+        "captioning", beam_size=3, length_penalty=0.0, handler=command_export,
+    )
     export.add_argument("--run-dir", required=True, help="the training run to export (required)")
-    export.add_argument("--output", default=str(Path("saved_models") / "captioning"),
-                        help="model dir; the version folder goes inside (default: saved_models/captioning in the current directory)")
-    export.add_argument("--version", type=int, help="version number (default: the next free one)")
-    export.add_argument("--beam-size", type=int, default=3, help="beam width of serving_default (default: 3)")
-    export.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha of the exported searches (default: 0.0)")
-    export.add_argument("--weights", choices=("best", "last"), default="best", help="which weights (default: best)")
-    export.set_defaults(handler=command_export)
     return parser
 
 

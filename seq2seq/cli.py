@@ -68,6 +68,32 @@ def flag_help(field):
     return f"{field_doc(field)} ({default})".replace("%", "%%")
 
 
+def command_parser(prog, description):
+    """A command's parser (with the global flags) and its subcommands."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_global_flags(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="what to do; COMMAND --help lists its flags")
+    return parser, commands
+
+
+def add_export_command(commands, description, task, beam_size, length_penalty, handler):
+    """The `export` subcommand with the flags every task's export has; returns it for the task's own."""
+    export = commands.add_parser("export", help="write a SavedModel for TF Serving",
+                                 description="Export a run as a SavedModel in TF Serving's <model>/<version>/ layout. "
+                                 + description)
+    export.add_argument("--output", default=str(Path("saved_models") / task),
+                        help=f"model dir; the version folder goes inside (default: saved_models/{task} in the current directory)")
+    export.add_argument("--version", type=int, help="version number (default: the next free one)")
+    export.add_argument("--beam-size", type=int, default=beam_size,
+                        help=f"beam width of serving_default (default: {beam_size})")
+    export.add_argument("--length-penalty", type=float, default=length_penalty,
+                        help=f"GNMT alpha of the exported searches (default: {length_penalty})")
+    export.add_argument("--weights", choices=("best", "last"), default="best", help="which weights (default: best)")
+    export.set_defaults(handler=handler)
+    return export
+
+
 def add_train_command(commands, config_class, description, handler, metric):
     """The `train` subcommand of a task: --config YAML, --no-validation-bleu, and one flag per
     field of every section of `config_class` (a SectionedConfig)."""

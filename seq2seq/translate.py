@@ -1,6 +1,5 @@
 """python -m seq2seq.translate {train,translate,evaluate,export}: machine translation from the terminal."""
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -190,10 +189,7 @@ def add_model_flags(parser):
 def build_parser():
     from seq2seq.tasks.translation.config import TranslationConfig
 
-    parser = argparse.ArgumentParser(prog="python -m seq2seq.translate", description=__doc__)
-    cli.add_global_flags(parser)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     help="what to do; COMMAND --help lists its flags")
+    parser, commands = cli.command_parser("python -m seq2seq.translate", __doc__)
     cli.add_train_command(
         commands, TranslationConfig, "Train a translation model from a YAML config and/or flags.", command_train, "BLEU"
     )
@@ -217,27 +213,21 @@ def build_parser():
     add_model_flags(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
-    export = commands.add_parser("export", help="write a SavedModel for TF Serving",
-                                 description="Export a run as a SavedModel in TF Serving's <model>/<version>/ layout. "
-                                 "serving_default: texts -> translations, scores (beam search in the graph).")
+    export = cli.add_export_command(
+        commands, "serving_default: texts -> translations, scores (beam search in the graph).", "translation",
+        beam_size=5, length_penalty=0.6, handler=command_export,
+    )
     export.add_argument("--run-dir", help="the training run to export (default: none, give it or --from-model)")
     export.add_argument("--from-model", metavar="SAVEDMODEL",
                         help="instead of a run: a SavedModel this toolkit exported, written again with the current "
                              "(faster) graph; same weights, int8 stays int8 (default: none)")
-    export.add_argument("--output", default=str(Path("saved_models") / "translation"),
-                        help="model dir; the version folder goes inside (default: saved_models/translation in the current directory)")
-    export.add_argument("--version", type=int, help="version number (default: the next free one)")
-    export.add_argument("--beam-size", type=int, default=5, help="beam width of serving_default (default: 5)")
-    export.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha of serving_default (default: 0.6)")
     export.add_argument("--replace-unknown", action="store_true",
                         help="replace <unk> outputs by the most attended source word (default: off)")
-    export.add_argument("--weights", choices=("best", "last"), default="best", help="which weights (default: best)")
     export.add_argument("--average-last", type=int, metavar="N",
                         help="export the average of the last N checkpoints (default: no averaging)")
     export.add_argument("--quantize", choices=("none", "int8"), default="none",
                         help="int8: Dense and Embedding weights stored as int8 with per-channel scales, "
                              "about 4x smaller (default: none)")
-    export.set_defaults(handler=command_export)
     return parser
 
 
