@@ -132,6 +132,9 @@ class LuongAttention(keras.layers.Layer):
         return {**super().get_config(), "units": self.units, "score": self.score}
 
 
+ATTENTION_KINDS = ("luong", "bahdanau")  # what make_attention builds
+
+
 def make_attention(kind, units, score="general", normalize=False):
     """Builds an attention layer by name: "bahdanau" (uses `normalize`) or "luong" (uses `score`)."""
     if kind == "bahdanau":

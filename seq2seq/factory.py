@@ -10,7 +10,7 @@ naming it, so that no setting is silently dropped.
 
 import dataclasses
 
-from seq2seq.attention import LuongAttention
+from seq2seq.attention import ATTENTION_KINDS, LuongAttention
 from seq2seq.config import check_choices, option
 from seq2seq.decoders import AttentionDecoder
 from seq2seq.encoders import MERGE_MODES, Bridge, RNNEncoder
@@ -18,7 +18,6 @@ from seq2seq.model import Seq2SeqModel
 from seq2seq.rnn import CELL_TYPES
 from seq2seq.transformer import POSITION_KINDS, TransformerDecoder, TransformerEncoder, bridge_for
 
-ATTENTION_KINDS = ("luong", "bahdanau")  # what seq2seq.attention.make_attention builds
 
 # The ModelSpec fields each decoder reads (the encoders': ModelSpec.ENCODER_FIELDS).
 DECODER_FIELDS = {
