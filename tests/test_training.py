@@ -430,7 +430,10 @@ def test_target_tokens_counts_the_planned_batches():
     assert batches.target_tokens(start, end) == sum(per_step[start:end])
 
 
-def test_training_reports_target_tokens_per_second(tmp_path, capsys):
+def test_training_reports_target_tokens_per_second(tmp_path, capsys, monkeypatch):
+    """On a terminal (next to Keras's progress bar) a line of its own a checkpoint; in a log
+    file the checkpoint line carries it (tests/test_translation_cli.py)."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     keras.utils.set_random_seed(0)
     model = build_rnn_model(VOCAB, VOCAB, cell_type="gru", units=8)
     trainer = Trainer(model, config(tmp_path, max_steps=24, steps_per_checkpoint=8, verbose=1))
