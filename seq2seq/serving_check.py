@@ -167,6 +167,16 @@ def format_report(report):
 
 
 def main(argv=None):
+    """The seq2seq-serving-check command, with TensorFlow's native log lines kept off stderr
+    (its subprocesses write theirs into pipes this command reads)."""
+    from seq2seq.cli import USER_TF_LOG_LEVEL
+    from seq2seq.quiet import native_logs_filtered
+
+    with native_logs_filtered(USER_TF_LOG_LEVEL is None):
+        return _main(argv)
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(
         prog="python -m seq2seq.serving_check",
         description="Check that a SavedModel holds no Python callbacks and only ops TF Serving registers. "
