@@ -18,15 +18,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # what a 
 def resolve_model(path, weights="best"):
     """A captioner (with `caption` and `info`) from a SavedModel dir, a TF Serving model dir (highest
     version) or a run dir."""
-    import tensorflow as tf
-
     from seq2seq.tasks.captioning.pipeline import CaptionRun
 
-    path = cli.model_path(path)
+    path = cli.model_path(path, "captioning")
     if weights != "best" and not is_run_dir(path):
         raise cli.CommandError("--weights needs --model to be a run directory")
     if (path / "saved_model.pb").is_file():
-        model = tf.saved_model.load(str(path))
+        model = cli.load_saved_model(path)
         if not hasattr(model, "caption") or not hasattr(model, "info"):
             raise cli.CommandError(f"{path}: not a captioning SavedModel (no caption function)")
         return model
@@ -51,22 +49,27 @@ def command_train(args):
 
 def command_caption(args):
     paths = image_paths(args)
-    first = next(paths, None)
-    if first is None:
+    leading = []  # the paths up to the first non-blank one
+    for path in paths:
+        leading.append(path)
+        if path:
+            break
+    if not any(leading):
         raise cli.CommandError("no images given (pass image files as arguments, --input FILE, or paths on stdin)")
     model = resolve_model(args.model, args.weights)
     try:
-        caption_in_chunks(args, model, itertools.chain([first], paths))
+        caption_in_chunks(args, model, itertools.chain(leading, paths))
     except BrokenPipeError:
         return streaming.output_closed()
 
 
 def image_paths(args):
     """The image paths to caption, lazily: arguments (a directory or a glob pattern stands for
-    the images it holds or matches, sorted), or the non-blank lines of --input FILE or stdin.
-    An argument that gives no image is an error now, before the model is loaded."""
+    the images it holds or matches, sorted), or the lines of --input FILE or stdin, stripped
+    (a blank line is an empty path: it gets an empty output line, so that output line N is
+    input line N's). An argument that gives no image is an error now, before the model is loaded."""
     if not args.images:
-        return (line.strip() for line in streaming.input_lines(args.input) if line.strip())
+        return (line.strip() for line in streaming.input_lines(args.input))
     for argument in args.images:
         check_image_argument(argument)
     return itertools.chain.from_iterable(expand_image_argument(argument) for argument in args.images)
@@ -103,13 +106,16 @@ def expand_image_argument(argument):
 
 def load_images_of_chunk(paths, image_size, on_error, warn):
     """Pixels [K, S, S, 3] of the readable images (None if there is none) and their positions in
-    `paths`; a bad file is a warning or, with on_error "raise", an error naming it."""
+    `paths`; a bad file is a warning or, with on_error "raise", an error naming it. Empty paths
+    (blank input lines) are left out without a word."""
     import numpy as np
 
     from seq2seq.tasks.captioning.images import ImageError, load_image
 
     arrays, positions = [], []
     for position, path in enumerate(paths):
+        if not path:
+            continue
         try:
             arrays.append(load_image(path, size=(image_size, image_size)))
             positions.append(position)
@@ -122,19 +128,21 @@ def load_images_of_chunk(paths, image_size, on_error, warn):
 
 def caption_in_chunks(args, model, paths):
     """Captions `paths` (any iterable) IMAGES_PER_CHUNK at a time and writes each chunk's lines in
-    input order as soon as it is done; an unreadable image gets an empty line. Until some image
-    could be read those empty lines are held back, so that input with no readable image at all
-    is an error with nothing on stdout."""
+    input order as soon as it is done; an unreadable image, or an empty path (a blank input
+    line), gets an empty line. Until some image could be read those empty lines are held back,
+    so that input with no readable image at all is an error with nothing on stdout."""
     from seq2seq.tasks.captioning.inference import caption_images
 
     info = model_info(model)
-    images = skipped = held_blank_lines = 0
+    images = skipped = blank = held_blank_lines = 0
     plot_pending = bool(args.plot_attention)
     with streaming.Progress("images") as progress:
         for chunk in streaming.chunks(paths, IMAGES_PER_CHUNK):
             pixels, positions = load_images_of_chunk(chunk, info["image_size"], args.on_error, progress.write)
-            images += len(chunk)
-            skipped += len(chunk) - len(positions)
+            chunk_blank = chunk.count("")
+            blank += chunk_blank
+            images += len(chunk) - chunk_blank
+            skipped += len(chunk) - chunk_blank - len(positions)
             if not positions:
                 held_blank_lines += len(chunk)
                 progress.update(len(chunk))
@@ -150,6 +158,8 @@ def caption_in_chunks(args, model, paths):
             if plot_pending:
                 plot_first_attention(pixels[0], out, info, lines[positions[0]], args.plot_attention, progress.write)
                 plot_pending = False
+    if blank:
+        cli.log(f"blank input lines: {blank} (their output lines are empty)")
     if skipped:
         cli.log(f"skipped {skipped} of {images} images (their output lines are empty)")
     if skipped == images:
@@ -224,11 +234,22 @@ def command_evaluate(args):
 
 
 def command_export(args):
-    from seq2seq.tasks.captioning.pipeline import CaptionRun, export
+    from seq2seq.tasks.captioning.pipeline import CaptionRun, export, load_export
 
-    run = CaptionRun.load(args.run_dir)
-    model = run.load_model(weights=args.weights)
-    cli.write_export(lambda path: export(run, model, path, args.beam_size, args.length_penalty), args.output, args.version)
+    if bool(args.run_dir) == bool(args.from_model):
+        raise cli.CommandError("give either --run-dir (a training run) or --from-model (a SavedModel to export again)")
+    if args.from_model:
+        if args.weights != "best":
+            raise cli.CommandError("--from-model keeps the export's weights as they are: drop --weights")
+        run, model = load_export(cli.model_path(args.from_model, "captioning"))
+    else:
+        cli.check_model_task(args.run_dir, "captioning")
+        run = CaptionRun.load(args.run_dir)
+        model = run.load_model(weights=args.weights)
+    cli.write_export(
+        lambda path: export(run, model, path, args.beam_size, args.length_penalty, max_pixels=args.max_pixels),
+        args.output, args.version,
+    )
 
 
 def add_model_flags(parser):
@@ -252,9 +273,12 @@ def build_parser():
                                   description="Caption images: file paths as arguments, --input FILE (one path a line) or "
                                   "paths on stdin; one caption a line on stdout, in input order. An image that cannot be "
                                   "read gets an empty line and a warning (or, with --on-error raise, stops the command).")
-    caption.add_argument("images", nargs="*",
-                         help="image files (JPEG, PNG, GIF, WebP, BMP) (default: the paths in --input or on stdin)")
-    caption.add_argument("--input", help="file of image paths, one a line (default: stdin, unless images are given)")
+    sources = caption.add_mutually_exclusive_group()
+    sources.add_argument("images", nargs="*", default=[],
+                         help="image files (JPEG, PNG, GIF, WebP, BMP), directories of them or glob patterns; or "
+                              "--input FILE, not both (default: the paths in --input or on stdin)")
+    sources.add_argument("--input", help="file of image paths, one a line; a blank line gets an empty output line "
+                         "(default: stdin, unless images are given)")
     caption.add_argument("--plot-attention", metavar="PNG",
                          help="write the attention of every word of the first image to a PNG (default: no plot)")
     add_model_flags(caption)
@@ -283,24 +307,26 @@ def build_parser():
     add_model_flags(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
+    from seq2seq.tasks.captioning.images import DEFAULT_MAX_PIXELS
+
     export = cli.add_export_command(
-        commands, "serving_default: encoded images (JPEG/PNG bytes) -> captions, scores (decoding, resizing and beam "
-        "search in the graph); caption_with_attention: images, beam_size -> also tokens and attention weights.",
+        commands, "serving_default: encoded images (JPEG, PNG, GIF, BMP or WebP bytes) -> captions, scores and errors "
+        "(one per image: empty when captioned, else the reason; decoding, resizing and beam search in the graph); "
+        "caption_with_attention: images, beam_size -> also tokens and attention weights.",
         "captioning", beam_size=3, length_penalty=0.0, handler=command_export,
     )
-    export.add_argument("--run-dir", required=True, help="the training run to export (required)")
+    export.add_argument("--run-dir", help="the training run to export (default: none, give it or --from-model)")
+    export.add_argument("--from-model", metavar="SAVEDMODEL",
+                        help="instead of a run: a captioning SavedModel this toolkit exported, written again with the "
+                             "current graph and the same weights (default: none)")
+    export.add_argument("--max-pixels", type=cli.positive_int, default=DEFAULT_MAX_PIXELS,
+                        help="the served graph refuses, unread, an image whose header declares more pixels than this, "
+                             f"as the caption command does (default: {DEFAULT_MAX_PIXELS:,})")
     return parser
 
 
-def check_beam_size(args):
-    if getattr(args, "beam_size", 1) < 1:
-        print(f"error: --beam-size must be at least 1, got {args.beam_size}", file=sys.stderr)
-        return cli.EXIT_USAGE
-    return None
-
-
 def main(argv=None):
-    return cli.main(build_parser, argv, check=check_beam_size)
+    return cli.main(build_parser, argv)
 
 
 if __name__ == "__main__":

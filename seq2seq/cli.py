@@ -2,19 +2,28 @@
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import types
 import typing
 from pathlib import Path
 
-from seq2seq.config import field_choices, field_default, field_doc
+import yaml
+
+from seq2seq.config import RUN_CONFIG, field_choices, field_default, field_doc
 from seq2seq.quiet import native_logs_filtered
 
 USER_TF_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")  # the user's own choice, which we leave alone
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what TensorFlow logs after its start-up
 
 EXIT_USAGE = 2
+# The widest beam the decoding commands take: time and memory grow in proportion to the beam
+# (beam 1000 took 127 s and 4.7 GB for 16 sentences), and beams past a few dozen decode no better.
+MAX_BEAM_SIZE = 64
+# Each task's model as the user reads it, and the command that runs it.
+TASK_MODELS = {"translation": "a translation model", "captioning": "an image-captioning model"}
+TASK_COMMANDS = {"translation": "python -m seq2seq.translate", "captioning": "python -m seq2seq.caption"}
 
 
 def log(message):
@@ -24,6 +33,38 @@ def log(message):
 
 class CommandError(Exception):
     """An error to show the user as one line, with a non-zero exit code."""
+
+
+def positive_int(text):
+    """argparse type: an integer of at least 1 (a count: checkpoints, hypotheses, batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def beam_width(text):
+    """argparse type: a beam width from 1 (greedy search) to MAX_BEAM_SIZE."""
+    value = positive_int(text)
+    if value > MAX_BEAM_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_BEAM_SIZE}, got {value} (decoding time and memory grow with the beam)"
+        )
+    return value
+
+
+def finite_float(text):
+    """argparse type: a number other than nan or infinity (the search scores with it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def flag_name(field_name):
@@ -85,9 +126,9 @@ def add_export_command(commands, description, task, beam_size, length_penalty, h
     export.add_argument("--output", default=str(Path("saved_models") / task),
                         help=f"model dir; the version folder goes inside (default: saved_models/{task} in the current directory)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
-    export.add_argument("--beam-size", type=int, default=beam_size,
-                        help=f"beam width of serving_default (default: {beam_size})")
-    export.add_argument("--length-penalty", type=float, default=length_penalty,
+    export.add_argument("--beam-size", type=beam_width, default=beam_size,
+                        help=f"beam width of serving_default, 1 to {MAX_BEAM_SIZE} (default: {beam_size})")
+    export.add_argument("--length-penalty", type=finite_float, default=length_penalty,
                         help=f"GNMT alpha of the exported searches (default: {length_penalty})")
     export.add_argument("--weights", choices=("best", "last"), default="best", help="which weights (default: best)")
     export.set_defaults(handler=handler)
@@ -141,16 +182,14 @@ def add_global_flags(parser):
                              "TF_CPP_MIN_LOG_LEVEL set in the environment, TensorFlow's own filtering applies)")
 
 
-def main(build_parser, argv=None, check=None):
-    """A command's `main`: parses argv (after `check(args)`, which may return an exit code)
-    and runs its subcommand, with TensorFlow's native log lines kept off stderr throughout
-    (building the parser already imports TensorFlow) unless --tf-logs or the user's own
-    TF_CPP_MIN_LOG_LEVEL asks for them."""
+def main(build_parser, argv=None):
+    """A command's `main`: parses argv and runs its subcommand, with TensorFlow's native log
+    lines kept off stderr throughout (building the parser already imports TensorFlow) unless
+    --tf-logs or the user's own TF_CPP_MIN_LOG_LEVEL asks for them."""
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     with native_logs_filtered("--tf-logs" not in argv and USER_TF_LOG_LEVEL is None):
         args = build_parser().parse_args(argv)
-        code = check(args) if check else None
-        return code if code is not None else run_main(args.handler, args)
+        return run_main(args.handler, args)
 
 
 def run_main(handler, args):
@@ -197,11 +236,12 @@ def add_search_flags(parser, default_model, model_name, beam_size, length_penalt
     search, and the batch of `items` ("sentences", "images") decoded at once."""
     parser.add_argument("--model", default=str(default_model),
                         help=f"SavedModel, TF Serving model dir or run dir (default: the shipped {model_name})")
-    parser.add_argument("--beam-size", type=int, default=beam_size,
-                        help=f"beam width; 1 is greedy search (default: {beam_size})")
-    parser.add_argument("--length-penalty", type=float, default=length_penalty,
+    parser.add_argument("--beam-size", type=beam_width, default=beam_size,
+                        help=f"beam width, 1 to {MAX_BEAM_SIZE}; 1 is greedy search (default: {beam_size})")
+    parser.add_argument("--length-penalty", type=finite_float, default=length_penalty,
                         help=f"GNMT length penalty alpha (default: {length_penalty})")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"{items} per batch (default: {batch_size})")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help=f"{items} per batch (default: {batch_size})")
     parser.add_argument("--weights", choices=("best", "last"), default="best", help="which weights of a run dir (default: best)")
 
 
@@ -213,22 +253,72 @@ def write_export(write, model_dir, version=None):
     print(f"exported: {path}")
 
 
-def model_path(path):
+def model_path(path, task=None):
     """`path` itself, or for a TF Serving model dir its highest SavedModel version; an error
-    when nothing is there."""
+    when nothing is there, or when it holds a model of another task than `task`."""
     path = Path(path)
     if not path.exists():
         raise CommandError(f"{path}: model not found (give a SavedModel, a TF Serving model dir or a run dir)")
     found = [] if (path / "saved_model.pb").is_file() else versions(path)
-    return found[-1][1] if found else path
+    path = found[-1][1] if found else path
+    if task is not None:
+        check_model_task(path, task)
+    return path
+
+
+def recorded_task(path):
+    """The task ("translation" or "captioning") of a run dir or of a SavedModel this toolkit
+    exported, told by the config.yaml it holds (only a translation config has a tokenization
+    section, only a captioning one a model backbone); None when it holds no readable one."""
+    for config in (Path(path) / RUN_CONFIG, Path(path) / "assets.extra" / RUN_CONFIG):
+        try:
+            values = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if not isinstance(values, dict):
+            continue
+        if "tokenization" in values:
+            return "translation"
+        if "backbone" in (values.get("model") or {}):
+            return "captioning"
+    return None
+
+
+def check_model_task(path, task):
+    """An error naming the right command when the run dir or export `path` holds a model of another task."""
+    found = recorded_task(path)
+    if found is not None and found != task:
+        raise CommandError(f"{path} is {TASK_MODELS[found]}; use {TASK_COMMANDS[found]}")
+
+
+def load_saved_model(path):
+    """`tf.saved_model.load(path)`, with a truncated or damaged saved_model.pb or variables/ as
+    one error line (TensorFlow raises OSError, ValueError, IndexError or an OpError for them)."""
+    import tensorflow as tf
+
+    try:
+        return tf.saved_model.load(str(path))
+    except (OSError, ValueError, IndexError, tf.errors.OpError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CommandError(
+            f"{path}: cannot load this SavedModel; saved_model.pb or variables/ may be truncated or damaged, "
+            f"export it again ({reason[:200]})"
+        ) from None
+
+
+def check_input_file(path):
+    """An error now, before reading, when `path` is missing or a directory."""
+    if os.path.isdir(path):
+        raise CommandError(f"{path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise CommandError(f"{path}: file not found")
 
 
 def read_input_lines(path=None):
     """Lines of a file (or of stdin), decoded as UTF-8, with a clear error naming the bad line."""
     if path is None:
         return decode_lines(sys.stdin.buffer, "<stdin>")
-    if not os.path.isfile(path):
-        raise CommandError(f"{path}: file not found")
+    check_input_file(path)
     with open(path, "rb") as stream:
         return decode_lines(stream, path)
 

@@ -2,6 +2,9 @@
 
 import dataclasses
 import difflib
+import math
+import types
+import typing
 from pathlib import Path
 
 import yaml
@@ -25,12 +28,49 @@ def _one_line(yaml_error):
     return " ".join(str(yaml_error).split())
 
 
-def option(default, doc, choices=None, if_none=None):
+def option(default, doc, choices=None, if_none=None, bounds=None, may_change_on_resume=False):
     """A config field with its one-line doc for the user (what `--help` shows); for a field with a
     fixed set of values, `choices`: a sequence, or a function of the config class (for a set a
-    subclass changes), which `check_choices` holds the field to; for a field that may be None,
-    `if_none`: what None does ("units", "no validation")."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices, "if_none": if_none})
+    subclass changes), which `check_choices` holds the field to; for a number, `bounds`: the
+    interval it must lie in, written as in mathematics ("(0, inf)", "[0, 1)", "[1, inf)"); for a
+    field that may be None, `if_none`: what None does ("units", "no validation").
+    `may_change_on_resume`: a run started again on its output dir may take a new value of it
+    (how long or how visibly it trains, not what or how it learns; see `seq2seq.run.open_run`)."""
+    metadata = {
+        "doc": doc, "choices": choices, "if_none": if_none, "bounds": Bounds.parse(bounds) if bounds else None,
+        "may_change_on_resume": may_change_on_resume,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """An interval of numbers, from its written form: "[0, 1)" holds 0 but not 1, "(0, inf)" the positives."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text):
+        low, high = (part.strip() for part in text.strip()[1:-1].split(","))
+        return cls(float(low), float(high), text.strip()[0] == "[", text.strip()[-1] == "]")
+
+    def __contains__(self, value):
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def __str__(self):
+        """What a value must be, as an error or --help says it: "positive", "at least 1", "in [0, 1)"."""
+        low = int(self.low) if self.low.is_integer() else self.low
+        if math.isinf(self.high):
+            if self.low_closed:
+                return f"at least {low}"
+            return "positive" if low == 0 else f"above {low}"
+        high = int(self.high) if self.high.is_integer() else self.high
+        return f"in {'[' if self.low_closed else '('}{low}, {high}{']' if self.high_closed else ')'}"
 
 
 def with_default(base, name, default):
@@ -58,16 +98,72 @@ def field_choices(config_class, field):
     return None if choices is None else tuple(choices)
 
 
+def field_bounds(field):
+    """The Bounds a number field must lie in, or None."""
+    return field.metadata.get("bounds")
+
+
+def may_change_on_resume(field):
+    return field.metadata.get("may_change_on_resume", False)
+
+
 def check_choices(section, prefix=""):
-    """A ValueError naming the first field of dataclass `section` whose value is not one of its
-    choices (None passes where None is the default: the field is unset)."""
+    """A ValueError naming the first field of dataclass `section` whose value its declaration does
+    not allow: not one of its choices, or not a finite number (an integer for an int field) within
+    its bounds. None passes where the field may be None (its type or default says so: unset)."""
     for field in dataclasses.fields(section):
-        choices = field_choices(type(section), field)
         value = getattr(section, field.name)
-        if choices is None or (value is None and field.default is None):
+        if value is None and _may_be_none(field):
             continue
-        if value not in choices:
+        choices = field_choices(type(section), field)
+        if choices is not None and value not in choices:
             raise ValueError(f"{prefix}{field.name} must be one of {list(choices)}, got {value!r}")
+        bounds = field_bounds(field)
+        if bounds is not None:
+            _check_number(f"{prefix}{field.name}", value, bounds, integer=_number_type(field) is int)
+
+
+def _check_number(name, value, bounds, integer):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = _yaml_number_hint(value) if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}{hint}")
+    if integer and not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value not in bounds:
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+
+
+def _yaml_number_hint(text):
+    """How to write a number that YAML read as text: PyYAML takes 1e-3, without a dot, for a string."""
+    mantissa, _, exponent = text.strip().lower().partition("e")
+    try:
+        float(text)
+    except ValueError:
+        return ""
+    if not exponent or "." in mantissa:
+        return ""
+    return f" (YAML reads {text} as text: write {mantissa}.0e{exponent})"
+
+
+def _field_types(field):
+    """The types a field's annotation names: (int,), (int, NoneType), ..."""
+    annotation = field.type
+    if isinstance(annotation, str):  # postponed annotations: "int | None"
+        names = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+        return tuple(names.get(part.strip(), object) for part in annotation.split("|"))
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _number_type(field):
+    return int if int in _field_types(field) and float not in _field_types(field) else float
+
+
+def _may_be_none(field):
+    return field.default is None or type(None) in _field_types(field)
 
 
 def unknown_names_error(unknown, valid, what, where=""):
@@ -93,6 +189,9 @@ class SectionedConfig:
     """
 
     SECTIONS = {}
+    # {section: names of the fields the values of `from_dict` gave}: what the user set (in a
+    # config file or a flag), which a resumed run holds to its saved config. None: every field.
+    given = None
 
     @classmethod
     def check_names(cls, values):
@@ -121,7 +220,9 @@ class SectionedConfig:
                 sections[name] = section_class(**given)
             except TypeError as error:  # a required field (training.output_dir) is missing
                 raise ValueError(f"config section {name!r}: {error}") from None
-        return cls(**sections)
+        config = cls(**sections)
+        config.given = {name: set(values.get(name) or {}) for name in cls.SECTIONS}
+        return config
 
     def to_dict(self):
         return {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
@@ -133,10 +234,14 @@ class SectionedConfig:
     def read_values(cls, path):
         """The mapping a YAML config file holds; ValueErrors name the file and what is wrong."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory, not a config file")
         if not path.is_file():
             raise ValueError(f"{path}: config file not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not valid UTF-8 (byte {error.start}: {error.reason})") from None
         except yaml.YAMLError as error:
             raise ValueError(f"{path}: not valid YAML ({_one_line(error)})") from None
         if not isinstance(values, dict):

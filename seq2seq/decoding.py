@@ -17,6 +17,7 @@ have all finished leave the batch (`_leaving`), so no step computes them; the ou
 are the same as if they had stayed.
 """
 
+import math
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -341,6 +342,8 @@ def _check_beam_arguments(beam_size, n_best, length_penalty, length_normalize):
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
     if isinstance(beam_size, int) and isinstance(n_best, int) and not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
+    if isinstance(length_penalty, (int, float)) and not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
     if length_normalize and not (isinstance(length_penalty, (int, float)) and length_penalty == 0):
         raise ValueError("use either length_penalty or length_normalize, not both")
 

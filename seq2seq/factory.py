@@ -46,14 +46,18 @@ class ModelSpec:
     encoder_type: str = option("rnn", "encoder architecture", choices=lambda spec: spec.ENCODER_FIELDS)
     decoder_type: str = option("rnn", "decoder architecture", choices=DECODER_FIELDS)
     cell_type: str = option("lstm", "RNN cell of the RNN encoder and decoder", choices=CELL_TYPES)
-    units: int = option(256, "size of the decoder (RNN units or Transformer model size), and of the encoder by default")
+    units: int = option(
+        256, "size of the decoder (RNN units or Transformer model size), and of the encoder by default", bounds="[1, inf)"
+    )
     encoder_units: int | None = option(
         None, "size of the encoder; a bidirectional RNN encoder's memory is twice it with merge_mode concat",
-        if_none="units",
+        if_none="units", bounds="[1, inf)",
     )
-    embedding_dim: int | None = option(None, "size of the token embeddings of the RNN parts", if_none="their units")
-    encoder_layers: int = option(1, "number of stacked encoder layers")
-    decoder_layers: int = option(1, "number of stacked decoder layers")
+    embedding_dim: int | None = option(
+        None, "size of the token embeddings of the RNN parts", if_none="their units", bounds="[1, inf)"
+    )
+    encoder_layers: int = option(1, "number of stacked encoder layers", bounds="[1, inf)")
+    decoder_layers: int = option(1, "number of stacked decoder layers", bounds="[1, inf)")
     bidirectional: bool = option(True, "let the RNN encoder read the source in both directions")
     merge_mode: str = option("concat", "how a bidirectional RNN encoder joins its two directions", choices=MERGE_MODES)
     attention: str = option(
@@ -68,16 +72,19 @@ class ModelSpec:
     tie_embeddings: bool = option(
         False, "use the target embeddings as the decoder's output projection (RNN decoder: needs embedding_dim == units)"
     )
-    dropout: float = option(0.2, "dropout rate of the RNN and Transformer layers")
+    dropout: float = option(0.2, "dropout rate of the RNN and Transformer layers", bounds="[0, 1)")
     bridge: str = option(
         "dense", "initial state of the RNN decoder: projected from the encoder's final states (dense) or zeros",
         choices=Bridge.KINDS,
     )
-    num_heads: int = option(4, "attention heads of the Transformer layers")
-    ffn_dim: int | None = option(None, "inner size of the Transformer feed-forward layers", if_none="4 * the layer's size")
+    num_heads: int = option(4, "attention heads of the Transformer layers", bounds="[1, inf)")
+    ffn_dim: int | None = option(
+        None, "inner size of the Transformer feed-forward layers", if_none="4 * the layer's size", bounds="[1, inf)"
+    )
     positions: str = option("sinusoidal", "position encoding of the Transformer layers", choices=POSITION_KINDS)
     max_positions: int = option(
-        512, "positions a learned position table holds, at least the longest sequence (later ones reuse its last row)"
+        512, "positions a learned position table holds, at least the longest sequence (later ones reuse its last row)",
+        bounds="[1, inf)",
     )
     alignment_layer: int = option(
         -1, "Transformer decoder layer whose cross-attention is reported as the alignment; -1: the last"

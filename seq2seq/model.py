@@ -149,6 +149,59 @@ def quantize_weights(model):
     return model
 
 
+def float_weights(model):
+    """{variable path inside the model: float32 value} of `model`'s weights, int8 ones
+    dequantized (Keras keeps `q / scale` with one scale per output channel, per row for an
+    Embedding). The model's own name is left out of the paths: Keras numbers it per process."""
+    values = {_path_in_model(variable): variable for variable in model.variables
+              if "seed_generator_state" not in variable.path}
+    weights = {}
+    for path, variable in values.items():
+        if path.endswith("_scale") and path[: -len("_scale")] in values:
+            continue
+        value = tf.cast(variable, tf.float32)
+        scale = values.get(path + "_scale")
+        if variable.dtype == "int8" and scale is not None:
+            scale = tf.cast(scale, tf.float32)
+            if path.endswith("embeddings"):
+                scale = scale[:, None]
+            value = tf.reshape(value / scale, variable.shape)
+        weights[path] = value
+    return weights
+
+
+def build_in_bfloat16(build_model):
+    """`build_model()` under Keras's "bfloat16" policy, for inference: weights stored and matrix
+    products run in bfloat16, which the bfloat16 units of AMX and AVX512-BF16 CPUs run fastest
+    (elsewhere they are emulated, slower than float32). Layer normalization statistics,
+    attention scores and softmax, recurrent states and the logits stay float32, as under
+    mixed precision."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("bfloat16")
+    try:
+        return build_model()
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def bfloat16_model(model, build_model):
+    """A bfloat16 copy (`build_in_bfloat16`) of `model`, whose weights may be float32 or int8."""
+    weights = float_weights(model)
+    copy = build_in_bfloat16(build_model)
+    targets = {_path_in_model(variable): variable for variable in copy.variables
+               if "seed_generator_state" not in variable.path}
+    unmatched = sorted(set(targets) ^ set(weights))
+    if unmatched:
+        raise ValueError(f"the bfloat16 copy's weights do not match the model's: {', '.join(unmatched[:3])}")
+    for path, variable in targets.items():
+        variable.assign(tf.cast(weights[path], variable.dtype))
+    return copy
+
+
+def _path_in_model(variable):
+    return variable.path.split("/", 1)[-1]
+
+
 def doubly_stochastic_penalty(attention, target_in):
     """Show, Attend and Tell's regularizer: sum_i (1 - sum_t alpha_ti)^2, averaged over the batch.
 

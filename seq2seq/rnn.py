@@ -54,13 +54,14 @@ class RecurrentCell(keras.layers.Layer):
             name="kernel", shape=(input_dim, width), initializer="glorot_uniform", autocast=False
         )
         self.recurrent_kernel = self.add_weight(
-            name="recurrent_kernel", shape=(self.units, width), initializer="orthogonal", autocast=False
+            name="recurrent_kernel", shape=(self.units, width), initializer=_orthogonal, autocast=False
         )
         units = self.units
 
         def forget_gate_bias(shape, dtype=None):
             # Forget-gate bias of one (Jozefowicz et al., 2015).
-            return ops.concatenate([ops.zeros((units,)), ops.ones((units,)), ops.zeros((2 * units,))])
+            ones = ops.concatenate([ops.zeros((units,)), ops.ones((units,)), ops.zeros((2 * units,))])
+            return ops.cast(ones, dtype or "float32")
 
         bias_init = forget_gate_bias if self.cell_type == "lstm" else "zeros"
 
@@ -103,6 +104,12 @@ class RecurrentCell(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "cell_type": self.cell_type, "units": self.units}
+
+
+def _orthogonal(shape, dtype=None):
+    """Keras's orthogonal initializer drawn in float32 (its QR decomposition has no bfloat16
+    kernel, and a bfloat16 copy of a model for inference is built with bfloat16 weights)."""
+    return ops.cast(keras.initializers.Orthogonal()(shape, dtype="float32"), dtype or "float32")
 
 
 def run_cell(cell, projected, mask, initial_state, reverse=False):

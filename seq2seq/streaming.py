@@ -37,12 +37,11 @@ def decoded_lines(stream, name, first_line=1):
 
 
 def input_lines(path=None):
-    """The lines of a file (or of stdin when `path` is None), read lazily. A missing file is
-    an error now, before the generator is consumed."""
+    """The lines of a file (or of stdin when `path` is None), read lazily. A missing file (or
+    a directory) is an error now, before the generator is consumed."""
     if path is None:
         return decoded_lines(sys.stdin.buffer, "<stdin>")
-    if not os.path.isfile(path):
-        raise cli.CommandError(f"{path}: file not found")
+    cli.check_input_file(path)
     return _file_lines(path)
 
 

@@ -6,8 +6,11 @@ restarts from its last checkpoint at the same position of the same stream, and e
 the same weights as a run that was never interrupted.
 
 A Keras "epoch" here is a checkpoint interval of `steps_per_checkpoint` optimizer steps:
-at its end the validation loss is computed, a checkpoint (model, optimizer, step, early
-stopping state) is written, and early stopping decides whether to go on.
+at its end the validation loss is computed, the interval's logs are added to
+training_summary.json (which holds every checkpoint of the run, resumed ones too), a
+checkpoint (model, optimizer, step, early stopping state) is written, and early stopping
+decides whether to go on. A NaN loss, or a loss that stays far above where it started
+(`_Divergence`), stops the run with an error that names the likely cause.
 
 Under a `tf.distribute` strategy (`TrainingConfig.distribution`, see `seq2seq.distribute`)
 the batch size is the global batch, split over the replicas; only the chief writes the
@@ -37,6 +40,9 @@ from seq2seq.precision import CHOICES as PRECISION_CHOICES
 from seq2seq.precision import set_precision  # noqa: F401  (part of this module's API)
 # Metrics early stopping can follow, and whether lower (-1) or higher (+1) is better.
 METRIC_MODES = {"val_loss": -1, "loss": -1, "val_bleu": 1}
+SUMMARY_FILE = "training_summary.json"
+# What a Trainer writes into its output dir (seq2seq.run.open_run removes a failed start's).
+TRAINER_FILES = ("checkpoints", "best.weights.h5", "logs", SUMMARY_FILE)
 
 
 class TrainingError(RuntimeError):
@@ -45,41 +51,54 @@ class TrainingError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainingConfig:
-    """Everything that decides how a model is trained (not what the model is)."""
+    """Everything that decides how a model is trained (not what the model is). Each number
+    declares its bounds; the fields that may change on resume say so (`may_change_on_resume`)."""
 
     output_dir: str = option(
         dataclasses.MISSING, "run directory: config, vocabularies, checkpoints and logs; training resumes from it"
     )
-    epochs: int = option(10, "passes over the training data, unless max_steps is set")
-    max_steps: int | None = option(None, "optimizer steps to train for, instead of epochs", if_none="epochs decide")
-    steps_per_checkpoint: int | None = option(
-        None, "optimizer steps between checkpoints, each with a validation", if_none="one epoch"
+    epochs: int = option(
+        10, "passes over the training data, unless max_steps is set", bounds="[0, inf)", may_change_on_resume=True
     )
-    learning_rate: float = option(1e-3, "peak learning rate (after warm-up)")
-    warmup_steps: int = option(0, "steps over which the learning rate rises linearly to its peak")
+    max_steps: int | None = option(
+        None, "optimizer steps to train for, instead of epochs", if_none="epochs decide", bounds="[1, inf)",
+        may_change_on_resume=True,
+    )
+    steps_per_checkpoint: int | None = option(
+        None, "optimizer steps between checkpoints, each with a validation", if_none="one epoch", bounds="[1, inf)",
+        may_change_on_resume=True,
+    )
+    learning_rate: float = option(1e-3, "peak learning rate (after warm-up)", bounds="(0, inf)")
+    warmup_steps: int = option(0, "steps over which the learning rate rises linearly to its peak", bounds="[0, inf)")
     decay: str = option(
         "constant", "learning-rate schedule after warm-up (cosine needs max_steps)", choices=WarmupDecay.DECAYS
     )
-    clip_norm: float = option(5.0, "global norm the gradients are clipped to; 0: no clipping")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss; 0: none")
-    seed: int = option(1234, "random seed of the initial weights and of the data order")
-    keep_checkpoints: int = option(5, "checkpoints kept in the run directory; older ones are deleted")
+    clip_norm: float = option(5.0, "global norm the gradients are clipped to; 0: no clipping", bounds="[0, inf)")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss; 0: none", bounds="[0, 1)")
+    seed: int = option(1234, "random seed of the initial weights and of the data order", bounds="[0, inf)")
+    keep_checkpoints: int = option(
+        5, "checkpoints kept in the run directory; older ones are deleted", bounds="[1, inf)", may_change_on_resume=True
+    )
     early_stopping_patience: int | None = option(
-        None, "stop after this many checkpoints without improvement of early_stopping_metric", if_none="never stop early"
+        None, "stop after this many checkpoints without improvement of early_stopping_metric",
+        if_none="never stop early", bounds="[1, inf)", may_change_on_resume=True,
     )
     early_stopping_metric: str = option(
         "val_loss", "metric that picks the best weights and decides early stopping", choices=METRIC_MODES
     )
     precision: str = option(
         "auto", "numeric precision; auto: bf16 on CPUs with bfloat16 matrix units, float32 elsewhere",
-        choices=PRECISION_CHOICES,
+        choices=PRECISION_CHOICES, may_change_on_resume=True,
     )
-    jit_compile: bool = option(False, "compile the training step with XLA")
-    tensorboard: bool = option(True, "write TensorBoard logs to logs/ in the run directory")
-    verbose: int = option(1, "progress output: 0 none, 1 a progress bar, 2 one line per checkpoint", choices=(0, 1, 2))
+    jit_compile: bool = option(False, "compile the training step with XLA", may_change_on_resume=True)
+    tensorboard: bool = option(True, "write TensorBoard logs to logs/ in the run directory", may_change_on_resume=True)
+    verbose: int = option(
+        1, "progress output: 0 none, 1 a progress bar, 2 one line per checkpoint", choices=(0, 1, 2),
+        may_change_on_resume=True,
+    )
     distribution: str = option(
         "none", "tf.distribute strategy: mirrored over the local GPUs, multi_worker over the TF_CONFIG cluster",
-        choices=distribute.STRATEGIES,
+        choices=distribute.STRATEGIES, may_change_on_resume=True,
     )
 
     def __post_init__(self):
@@ -324,13 +343,111 @@ class _StopAtStep(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class _History:
+    """Every checkpoint's logs of a run, resumed parts included, kept in training_summary.json
+    (written at every checkpoint, so that a killed run keeps its history too): `history` maps
+    "step" and each metric to one entry a checkpoint (null where a checkpoint logged no value).
+
+    A resumed run reads the history from `read_path` (the chief's, which every worker sees, so
+    that all workers judge divergence alike) up to `up_to_step`, the checkpoint it restarts
+    from: later entries are trained again. It writes to `path` (its own write dir)."""
+
+    def __init__(self, path, read_path, up_to_step):
+        self.path = Path(path)
+        self.records = []
+        history = {}
+        read_path = Path(read_path)
+        if up_to_step and read_path.is_file():
+            try:
+                history = json.loads(read_path.read_text()).get("history") or {}
+            except (OSError, ValueError, AttributeError) as error:
+                log(f"warning: {read_path} is unreadable ({error}); the history starts again at step {up_to_step}")
+        if history and "step" not in history:
+            log(f"warning: {read_path} predates per-checkpoint steps; the history starts again at step {up_to_step}")
+        for index, step in enumerate(history.get("step") or []):
+            if step <= up_to_step:
+                record = {name: values[index] for name, values in history.items() if index < len(values)}
+                self.records.append({name: value for name, value in record.items() if value is not None})
+
+    def append(self, step, logs):
+        self.records.append({"step": step, **{name: float(value) for name, value in logs.items()}})
+
+    def values(self, name):
+        return [record[name] for record in self.records if name in record]
+
+    def write(self, best_name, best_value):
+        names = list(dict.fromkeys(name for record in self.records for name in record))
+        summary = {
+            "step": self.records[-1]["step"] if self.records else 0,
+            best_name: best_value,
+            "history": {name: [record.get(name) for record in self.records] for name in names},
+        }
+        rates = self.values("target_tokens_per_second")
+        if rates:
+            summary["target_tokens_per_second"] = float(np.mean(rates))
+        self.path.write_text(json.dumps(summary, indent=2))
+
+
+class _Divergence:
+    """Tells a diverging run: its training loss above `limit` at CHECKPOINTS checkpoints in a row.
+
+    The limit is twice the smaller of the first checkpoint's loss and ln(vocabulary), the loss
+    of a model that guesses every token uniformly (which a learning model stays below), and at
+    least 1: a healthy run's loss falls from its first checkpoint on, and a loss far above
+    uniform guessing means the weights are wrecked, typically by too high a learning rate."""
+
+    CHECKPOINTS = 2
+
+    def __init__(self, vocab_size=None, losses=()):
+        self.uniform_loss = math.log(vocab_size) if vocab_size and vocab_size > 1 else None
+        self.first = None
+        self.in_a_row = 0
+        for loss in losses:
+            self.update(loss)
+
+    @property
+    def limit(self):
+        reference = self.first if self.uniform_loss is None else min(self.first, self.uniform_loss)
+        return max(1.0, 2 * reference)
+
+    def update(self, loss):
+        """Counts the checkpoint's loss; True when it is above the limit."""
+        if loss is None or not math.isfinite(loss):
+            return False
+        if self.first is None:
+            self.first = loss
+        bad = loss > self.limit
+        self.in_a_row = self.in_a_row + 1 if bad else 0
+        return bad
+
+    @property
+    def diverged(self):
+        return self.in_a_row >= self.CHECKPOINTS
+
+    def message(self, loss, step, learning_rate):
+        uniform = (
+            "" if self.uniform_loss is None
+            else f"; a model guessing uniformly among {round(math.exp(self.uniform_loss))} tokens has loss "
+            f"{self.uniform_loss:.3g}"
+        )
+        return (
+            f"training diverged: loss {loss:.4g} at step {step} is above {self.limit:.4g} for {self.CHECKPOINTS} "
+            f"checkpoints in a row (first checkpoint loss {self.first:.4g}{uniform}); lower --learning-rate "
+            f"(now {learning_rate:g}) and start a new run with another --output-dir"
+        )
+
+
 class _CheckpointAndStop(keras.callbacks.Callback):
-    """Writes a checkpoint at the end of every interval, tracks the best value of the
-    monitored metric, stops early, and stops with a clear error on a NaN loss.
+    """At the end of every interval: tracks the best value of the monitored metric, writes
+    training_summary.json and a checkpoint, stops early, and stops with a clear error on a NaN
+    loss or a diverging one (`_Divergence`; a diverging checkpoint is never the best, and the
+    one that ends the run is not saved).
 
     `best` holds the best value times the metric's sign, so that higher is always better."""
 
-    def __init__(self, manager, chunk, best, bad_chunks, patience, best_path, monitor, verbose):
+    def __init__(
+        self, manager, chunk, best, bad_chunks, patience, best_path, monitor, verbose, history, divergence, learning_rate
+    ):
         super().__init__()
         self.manager = manager
         self.monitor = monitor
@@ -341,6 +458,9 @@ class _CheckpointAndStop(keras.callbacks.Callback):
         self.patience = patience
         self.best_path = best_path
         self.verbose = verbose
+        self.history = history
+        self.divergence = divergence
+        self.learning_rate = learning_rate
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -355,15 +475,23 @@ class _CheckpointAndStop(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
+        step = int(self.model.optimizer.iterations.numpy())
+        loss = float(logs["loss"]) if "loss" in logs else None
+        diverging = self.divergence.update(loss)
         self.chunk.assign(epoch + 1)
         monitored = logs.get(self.monitor, logs.get("loss") if self.monitor == "val_loss" else None)
-        if monitored is not None and self.sign * monitored > float(self.best.numpy()):
+        if not diverging and monitored is not None and self.sign * monitored > float(self.best.numpy()):
             self.best.assign(self.sign * monitored)
             self.bad_chunks.assign(0)
             self.model.save_weights(self.best_path)
         else:
             self.bad_chunks.assign_add(1)
-        self.manager.save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
+        self.history.append(step, logs)
+        self.history.write("best_" + self.monitor, self.sign * float(self.best.numpy()))
+        if self.divergence.diverged:
+            self.model.stop_training = True
+            raise TrainingError(self.divergence.message(loss, step, self.learning_rate))
+        self.manager.save(checkpoint_number=step)
         if self.patience and int(self.bad_chunks.numpy()) >= self.patience:
             if self.verbose:
                 print(f"early stopping: no better {self.monitor} for {self.patience} checkpoints")
@@ -479,8 +607,10 @@ class Trainer:
         resumed_from = self.restore()
         steps_per_chunk = config.steps_per_checkpoint or len(batches.plan(0))
         total_steps = config.max_steps or sum(len(batches.plan(e)) for e in range(config.epochs))
-        num_chunks = max(1, math.ceil(total_steps / steps_per_chunk))
+        # The intervals left are counted from the step reached, so that a resumed run may
+        # change max_steps, epochs or steps_per_checkpoint.
         start_chunk = int(self.chunk.numpy())
+        num_chunks = start_chunk + max(0, math.ceil((total_steps - self.step) / steps_per_chunk))
         if resumed_from and config.verbose:
             print(f"resuming from {resumed_from} (step {self.step}, checkpoint {start_chunk} of {num_chunks})")
         if start_chunk >= num_chunks or (config.early_stopping_patience and int(self.bad_chunks.numpy()) >= config.early_stopping_patience):
@@ -494,6 +624,8 @@ class Trainer:
             [_Throughput(batches, verbose=config.verbose and interactive)] if batches.target_lengths is not None else []
         )
         checkpoint_lines = [] if interactive or not config.verbose else [_CheckpointLine(num_chunks)]
+        history = _History(self.write_dir / SUMMARY_FILE, self.output_dir / SUMMARY_FILE, up_to_step=self.step)
+        vocab_size = getattr(getattr(self.model, "decoder", None), "vocab_size", None)
         all_callbacks = [
             _StopAtStep(total_steps),
             *throughput,
@@ -501,13 +633,14 @@ class Trainer:
             *checkpoint_lines,
             _CheckpointAndStop(
                 self.manager, self.chunk, self.best, self.bad_chunks, config.early_stopping_patience,
-                str(self.write_dir / "best.weights.h5"), config.early_stopping_metric, config.verbose,
+                str(self.write_dir / "best.weights.h5"), config.early_stopping_metric, config.verbose, history,
+                _Divergence(vocab_size, history.values("loss")), config.learning_rate,
             ),
         ]
         if config.tensorboard:
             all_callbacks.append(keras.callbacks.TensorBoard(str(self.write_dir / "logs"), update_freq=50))
         try:
-            history = self.model.fit(
+            fitted = self.model.fit(
                 self._training_data(batches),
                 validation_data=self._validation_data(validation),
                 epochs=num_chunks,
@@ -523,8 +656,7 @@ class Trainer:
             raise TrainingError(
                 distribute.cluster_error_message(error, distribute.worker_id(self.strategy), self.step, self.latest_checkpoint)
             ) from error
-        self._write_summary(history)
-        return history
+        return fitted
 
     def _training_data(self, batches):
         start = self.step
@@ -538,17 +670,6 @@ class Trainer:
         if self.strategy is None:
             return validation.epoch_dataset(0)
         return distribute.distribute_batches(self.strategy, lambda context: validation.epoch_dataset(0, context))
-
-    def _write_summary(self, history):
-        summary = {
-            "step": self.step,
-            "best_" + self.config.early_stopping_metric: METRIC_MODES[self.config.early_stopping_metric] * float(self.best.numpy()),
-            "history": {key: [float(v) for v in values] for key, values in history.history.items()},
-        }
-        rates = summary["history"].get("target_tokens_per_second")
-        if rates:
-            summary["target_tokens_per_second"] = float(np.mean(rates))
-        (self.write_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _all_variables(model):

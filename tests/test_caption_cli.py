@@ -135,8 +135,9 @@ def test_caption_only_bad_or_missing_images(tiny_caption_run, images, capsys):
 def test_caption_errors_for_missing_model_and_bad_beam(tmp_path, images, capsys):
     code, _, err = run_cli(capsys, "caption", images["good"][0], "--model", tmp_path / "nope")
     assert code == 2 and "model not found" in err
-    code, _, err = run_cli(capsys, "caption", images["good"][0], "--beam-size", "0")
-    assert code == 2 and "--beam-size must be at least 1" in err
+    with pytest.raises(SystemExit) as exit_info:
+        caption.main(["caption", str(images["good"][0]), "--beam-size", "0"])
+    assert exit_info.value.code == 2 and "argument --beam-size: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_caption_plot_attention(tiny_caption_run, images, tmp_path, capsys):
@@ -252,7 +253,8 @@ def test_export_signatures_and_in_process_equality(tiny_caption_run, tiny_export
     expected = captioner.caption_bytes(data, tf.constant(3), tf.constant(0.0))
     loaded = tf.saved_model.load(str(tiny_export))
     served = loaded.signatures["serving_default"](images=data)
-    assert set(served) == {"captions", "scores"}
+    assert set(served) == {"captions", "scores", "errors"}
+    assert served["errors"].numpy().tolist() == [b""] * len(data.numpy())
     assert served["captions"].numpy().tolist() == expected["captions"].numpy().tolist()
     np.testing.assert_allclose(served["scores"].numpy(), expected["scores"].numpy(), rtol=1e-5, atol=1e-5)
     detailed = loaded.signatures["caption_with_attention"](images=data, beam_size=tf.constant(1))
@@ -368,3 +370,82 @@ def test_model_fields_that_do_not_apply_are_one_line_errors(tmp_path, capsys, ar
     code, _, err = run_cli(capsys, "train", *TINY_TRAIN, *argv, "--output-dir", tmp_path / "run")
     assert code == 2 and message in err, err
     assert len(err.strip().split("\n")) == 1
+
+
+@pytest.fixture(scope="module")
+def loaded_export(tiny_export):
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(tiny_export))
+
+
+def test_served_export_answers_every_image_and_holds_its_pixel_limit(loaded_export, images):
+    """One bad image no longer fails the batch: each input gets a status in `errors`, a bad one an
+    empty caption; the export's pixel limit (the CLI's by default) is in its `info`."""
+    import tensorflow as tf
+
+    from seq2seq.tasks.captioning.images import DEFAULT_MAX_PIXELS
+    from test_images import png_with_declared_size
+
+    good = images["good"][0].read_bytes()
+    batch = [good, images["truncated"].read_bytes(), b"", images["not_image"].read_bytes(),
+             png_with_declared_size(20_000, 20_000, idat_rows=10), good]
+    served = loaded_export.signatures["serving_default"](images=tf.constant(batch))
+    assert served["errors"].numpy().tolist() == [
+        b"", b"corrupt or truncated image data", b"empty input", b"not a JPEG, PNG, GIF, BMP or WebP image",
+        f"image of 20000x20000 pixels is over the limit of {DEFAULT_MAX_PIXELS:,} pixels".encode(), b"",
+    ]
+    captions = served["captions"].numpy().tolist()
+    assert captions[0] and captions[0] == captions[-1] and captions[1:-1] == [b""] * 4
+    assert int(loaded_export.info()["max_pixels"]) == DEFAULT_MAX_PIXELS
+    empty = loaded_export.signatures["caption_with_attention"](images=tf.constant([], tf.string), beam_size=tf.constant(2))
+    assert empty["captions"].shape[0] == 0 and empty["errors"].shape[0] == 0
+
+
+def test_cli_and_export_caption_an_exif_rotated_jpeg_and_a_transparent_png_alike(
+        tiny_caption_run, loaded_export, tmp_path, capsys):
+    """One preprocessing for both: the CLI (Pillow) and the export (in-graph) turn an EXIF-rotated
+    JPEG and a transparent PNG into the same pixels, hence the same captions."""
+    import tensorflow as tf
+
+    scene = shapes.generate_scenes(1, seed=21, image_size=32)[0].image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned 90 degrees counter-clockwise
+    Image.fromarray(np.ascontiguousarray(np.rot90(scene))).save(tmp_path / "rotated.jpg", quality=95, exif=exif.tobytes())
+    alpha = np.where(scene.sum(-1) > 600, 0, 255).astype(np.uint8)  # the light background transparent
+    Image.fromarray(np.dstack([scene, alpha]), "RGBA").save(tmp_path / "cutout.png")
+    paths = [tmp_path / "rotated.jpg", tmp_path / "cutout.png"]
+    code, out, err = run_cli(capsys, "caption", *paths, "--model", tiny_caption_run, "--beam-size", "3")
+    assert code == 0, err
+    served = loaded_export.signatures["serving_default"](images=tf.constant([path.read_bytes() for path in paths]))
+    assert out.split("\n")[:-1] == [caption.decode() for caption in served["captions"].numpy()]
+
+
+def test_load_export_gives_back_the_exported_run_and_weights(tiny_caption_run, tiny_export):
+    """What re-exporting a shipped captioner with the current graph starts from."""
+    from seq2seq.tasks.captioning.pipeline import CaptionRun, load_export
+
+    run, model = load_export(tiny_export)
+    trained = CaptionRun.load(tiny_caption_run)
+    assert run.vocab.tokens == trained.vocab.tokens and run.config.model == trained.config.model
+    for restored, original in zip(model.weights, trained.load_model().weights, strict=True):
+        np.testing.assert_array_equal(restored.numpy(), original.numpy())
+
+
+def test_export_from_model_keeps_the_weights_and_sets_the_pixel_limit(tiny_export, images, tmp_path, capsys):
+    """`export --from-model` writes an export again with the current graph and its weights;
+    `--max-pixels` is the limit the served graph holds images to."""
+    import tensorflow as tf
+
+    again = tmp_path / "again"
+    assert caption.main(["export", "--from-model", str(tiny_export), "--output", str(again), "--max-pixels", "1500"]) == 0
+    old, new = tf.saved_model.load(str(tiny_export)), tf.saved_model.load(str(again / "1"))
+    assert int(new.info()["max_pixels"]) == 1500
+    for before, after in zip(old.model_variables, new.model_variables):
+        np.testing.assert_array_equal(before.numpy(), after.numpy())
+    small, large = images["good"][0], images["odd"]  # 32x32 (1,024 pixels) and 50x40 (2,000)
+    served = new.signatures["serving_default"](images=tf.constant([Path(small).read_bytes(), Path(large).read_bytes()]))
+    errors = [error.decode() for error in served["errors"].numpy()]
+    assert errors[0] == "" and "over the limit of 1,500 pixels" in errors[1], errors
+    code, _, err = run_cli(capsys, "export", "--output", str(tmp_path / "x"))
+    assert code == 2 and "give either --run-dir" in err

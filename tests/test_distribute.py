@@ -322,10 +322,11 @@ def test_killed_worker_stops_the_job_and_a_restart_resumes_from_the_last_checkpo
     assert "lost contact with the cluster" in message, message
     assert "worker 1 stopped" in message or "another worker stopped or is unreachable" in message, message
     assert "Restart every worker with the same command and TF_CONFIG" in message
-    assert not (run_dir / "training_summary.json").exists()
     resume_from = int(tf.train.latest_checkpoint(str(run_dir / "checkpoints")).rsplit("-", 1)[1])
     assert STEPS_PER_CHECKPOINT <= resume_from < MAX_STEPS
     assert f"ckpt-{resume_from}" in message
+    before = summary(run_dir)["history"]  # written at every checkpoint, so a kill leaves it
+    assert before["step"][-1] in (resume_from, resume_from + STEPS_PER_CHECKPOINT)
 
     restarted = Job(tmp_path, "restarted")
     try:
@@ -336,8 +337,11 @@ def test_killed_worker_stops_the_job_and_a_restart_resumes_from_the_last_checkpo
     assert codes == [0, 0], restarted.output(0) + restarted.output(1)
     result = summary(run_dir)
     assert result["step"] == MAX_STEPS
-    # Only the intervals after the checkpoint were trained again, not the whole run.
-    assert len(result["history"]["loss"]) == (MAX_STEPS - resume_from) // STEPS_PER_CHECKPOINT
+    assert "holds a run: continuing it" in restarted.output(0)
+    # The summary holds the whole run, once each checkpoint; the part before the kill unchanged.
+    assert result["history"]["step"] == list(range(STEPS_PER_CHECKPOINT, MAX_STEPS + 1, STEPS_PER_CHECKPOINT))
+    kept = before["step"].index(resume_from) + 1
+    assert result["history"]["loss"][:kept] == before["loss"][:kept]
     # And the job ends where the uninterrupted two-worker job ended.
     uninterrupted = weights(jobs["tmp_path"] / "multi-worker0.npz")
     for a, b, c in zip(weights(tmp_path / "restarted-worker0.npz"), weights(tmp_path / "restarted-worker1.npz"), uninterrupted):

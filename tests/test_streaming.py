@@ -413,6 +413,6 @@ def test_caption_paths_on_stdin_are_read_chunk_by_chunk(monkeypatch, tiny_captio
     png = tmp_path / "attention.png"
     assert caption.main(["caption", "--model", str(tiny_caption_run), "--beam-size", "1", "--plot-attention", str(png)]) == 0
     lines = stdout.getvalue().split("\n")[:-1]
-    assert len(lines) == 5 and all(lines)
-    assert stdout.flushes[:3] == [(2, 2), (5, 4), (6, 5)]  # the blank line on stdin is skipped, as before
+    assert len(lines) == 6 and [bool(line) for line in lines] == [True, True, False, True, True, True]
+    assert stdout.flushes[:3] == [(2, 2), (4, 4), (6, 6)]  # the blank line on stdin keeps its (empty) output line
     assert png.stat().st_size > 1000

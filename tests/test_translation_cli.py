@@ -270,7 +270,6 @@ def test_n_best_prints_tab_separated_hypotheses(capsys, word_model):
 @pytest.mark.parametrize("flags, message", [
     (["--beam-size", 2, "--n-best", 3], "--n-best must be between 1 and --beam-size (2), got 3"),
     (["--beam-size", 1, "--n-best", 2], "--n-best must be between 1 and --beam-size (1), got 2"),
-    (["--beam-size", 0], "--beam-size must be at least 1, got 0"),
 ])
 def test_impossible_search_flags_are_one_error_line(capsys, word_model, flags, message):
     line = error_line(capsys, cli("translate", "--model", word_model[1], *flags, SAMPLE_SENTENCES[0]))

@@ -204,11 +204,17 @@ def test_translate_signature_beam_size_1_is_greedy_and_n_best_works(word_model, 
     assert decode(empty["translations"]) == ["", ""] and empty["scores"].numpy().tolist() == [0.0, 0.0]
 
 
-def test_int8_export_is_smaller_servable_and_scores_close_to_float(word_model, word_export, tmp_path):
+@pytest.fixture(scope="module")
+def int8_export(word_model, tmp_path_factory):
+    """The word model exported with int8 weights: a TF Serving model dir holding version 1."""
     from conftest import cli
 
-    assert cli("export", "--run-dir", word_model[0], "--output", tmp_path, "--version", 1, "--quantize", "int8") == 0
+    directory = tmp_path_factory.mktemp("int8")
+    assert cli("export", "--run-dir", word_model[0], "--output", directory, "--version", 1, "--quantize", "int8") == 0
+    return directory
 
+
+def test_int8_export_is_smaller_servable_and_scores_close_to_float(word_model, word_export, int8_export):
     def weight_dtypes(export_dir):
         reader = tf.train.load_checkpoint(str(Path(export_dir) / "variables" / "variables"))
         return [dtype.name for dtype in reader.get_variable_to_dtype_map().values()]
@@ -217,11 +223,11 @@ def test_int8_export_is_smaller_servable_and_scores_close_to_float(word_model, w
         return sum(f.stat().st_size for f in (Path(export_dir) / "variables").iterdir())
 
     # Both embeddings, the output layer and the attention projections hold int8 kernels.
-    assert weight_dtypes(tmp_path / "1").count("int8") >= 4 and "int8" not in weight_dtypes(word_model[1])
-    assert weight_bytes(tmp_path / "1") < 0.85 * weight_bytes(word_model[1])
-    report = serving_check.serving_op_report(tmp_path / "1")
+    assert weight_dtypes(int8_export / "1").count("int8") >= 4 and "int8" not in weight_dtypes(word_model[1])
+    assert weight_bytes(int8_export / "1") < 0.85 * weight_bytes(word_model[1])
+    report = serving_check.serving_op_report(int8_export / "1")
     assert report["ok"] and report["stock_tf_serving"] and report["py_func_ops"] == []
-    quantized = tf.saved_model.load(str(tmp_path / "1")).signatures["serving_default"]
+    quantized = tf.saved_model.load(str(int8_export / "1")).signatures["serving_default"]
     float_scores = word_export.signatures["serving_default"](texts=tf.constant(SAMPLE_SENTENCES))["scores"]
     int8_scores = quantized(texts=tf.constant(SAMPLE_SENTENCES))["scores"]
     # Per-channel int8 weights change the log-probabilities by far less than a token's worth.
@@ -272,3 +278,43 @@ def test_export_from_model_refuses_what_it_cannot_keep(word_model, tmp_path, cap
     assert "--from-model keeps the export's weights" in capsys.readouterr().err
     assert cli("export", "--from-model", tmp_path, "--output", tmp_path / "x") == 2
     assert "not a translation SavedModel exported by seq2seq" in capsys.readouterr().err
+
+
+def _weight_dtypes(export_dir):
+    """{name inside the model: dtype} of an export's weights (dropout random-generator states left out)."""
+    variables = tf.saved_model.load(str(export_dir)).model_variables
+    return {v.name.split("/", 1)[-1]: v.dtype.name for v in variables if "seed_generator" not in v.name}
+
+
+def test_bf16_export_stores_bfloat16_weights_serves_stock_ops_and_scores_close_to_float(word_model, int8_export, tmp_path):
+    """`--quantize bf16` (products on the CPU's bfloat16 units): every weight stored as
+    bfloat16, TF Serving's op set, scores within a bfloat16 rounding of float's; an int8
+    export converts too (`--from-model`), and a bf16 export is written again as bf16."""
+    from conftest import cli
+
+    assert cli("export", "--run-dir", word_model[0], "--output", tmp_path / "bf16", "--version", 1,
+               "--quantize", "bf16") == 0
+    export_dir = tmp_path / "bf16" / "1"
+    dtypes = _weight_dtypes(export_dir)
+    assert dtypes and set(dtypes.values()) == {"bfloat16"}, dtypes
+    report = serving_check.serving_op_report(export_dir)
+    assert report["ok"] and report["stock_tf_serving"] and report["py_func_ops"] == []
+
+    def served(path):
+        out = tf.saved_model.load(str(path)).signatures["serving_default"](texts=tf.constant(SAMPLE_SENTENCES))
+        return decode(out["translations"]), out["scores"].numpy()
+
+    float_translations, float_scores = served(word_model[1])
+    translations, scores = served(export_dir)
+    np.testing.assert_allclose(scores, float_scores, atol=0.1)
+    assert sum(a == b for a, b in zip(translations, float_translations)) >= len(SAMPLE_SENTENCES) - 1
+
+    assert cli("export", "--from-model", int8_export / "1", "--quantize", "bf16",
+               "--output", tmp_path / "from_int8", "--version", 1) == 0
+    assert _weight_dtypes(tmp_path / "from_int8" / "1") == dtypes
+    np.testing.assert_allclose(served(tmp_path / "from_int8" / "1")[1], float_scores, atol=0.15)
+
+    assert cli("export", "--from-model", export_dir, "--output", tmp_path / "again", "--version", 1) == 0
+    again = _weight_dtypes(tmp_path / "again" / "1")
+    assert again == dtypes
+    assert served(tmp_path / "again" / "1")[0] == translations

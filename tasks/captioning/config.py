@@ -17,9 +17,13 @@ BAD_FILE_ACTIONS = ("raise", "skip")  # what a missing or unreadable image file 
 class DataConfig:
     """Where the captions come from: the built-in synthetic shapes, a Karpathy split JSON, TSV files or TFDS coco_captions."""
 
-    shapes_train: int | None = option(None, "train on this many images of the built-in synthetic shapes data")
-    shapes_val: int = option(200, "synthetic shapes images to validate on; 0: no validation")
-    shapes_seed: int = option(0, "seed that draws the synthetic shapes images")
+    shapes_train: int | None = option(
+        None, "train on this many images of the built-in synthetic shapes data", bounds="[1, inf)"
+    )
+    shapes_val: int = option(
+        200, "synthetic shapes images to validate on; 0: no validation", bounds="[0, inf)", may_change_on_resume=True
+    )
+    shapes_seed: int = option(0, "seed that draws the synthetic shapes images", bounds="[0, inf)")
     karpathy_json: str | None = option(
         None, "Karpathy split dataset_*.json: trains on train and restval, validates on val (needs image_folder)"
     )
@@ -27,14 +31,18 @@ class DataConfig:
         None, "folder the image paths of karpathy_json or the TSV files are relative to", if_none="a TSV's own folder"
     )
     train_tsv: str | None = option(None, "training captions, one image_path<TAB>caption a line (several per image allowed)")
-    valid_tsv: str | None = option(None, "validation captions, in the format of train_tsv", if_none="no validation")
+    valid_tsv: str | None = option(
+        None, "validation captions, in the format of train_tsv", if_none="no validation", may_change_on_resume=True
+    )
     tfds_name: str | None = option(None, "TensorFlow Datasets data set to train on", choices=TFDS_NAMES)
     tfds_train_split: str = option("train", "TFDS split to train on")
-    tfds_valid_split: str = option("val", "TFDS split to validate on")
+    tfds_valid_split: str = option("val", "TFDS split to validate on", may_change_on_resume=True)
     tfds_data_dir: str | None = option(
         None, "TFDS data dir where coco_captions is prepared (it is not downloaded)", if_none="TFDS's own"
     )
-    tfds_max_examples: int | None = option(None, "read only the first N examples of each TFDS split", if_none="all")
+    tfds_max_examples: int | None = option(
+        None, "read only the first N examples of each TFDS split", if_none="all", bounds="[1, inf)"
+    )
     on_missing: str = option(
         "raise", "captions whose image file is missing: stop with an error, or skip them", choices=BAD_FILE_ACTIONS
     )
@@ -42,10 +50,12 @@ class DataConfig:
         "skip", "image files that cannot be read: stop with an error, or skip them with a warning", choices=BAD_FILE_ACTIONS
     )
     lowercase: bool = option(True, "lowercase the captions before tokenizing")
-    vocab_size: int = option(10000, "largest vocabulary built from the training captions, reserved tokens included")
-    min_count: int = option(1, "words seen fewer times in the training captions become <unk>")
+    vocab_size: int = option(
+        10000, "largest vocabulary built from the training captions, reserved tokens included", bounds="[5, inf)"
+    )
+    min_count: int = option(1, "words seen fewer times in the training captions become <unk>", bounds="[1, inf)")
     max_caption_length: int = option(
-        30, "longest caption in tokens: longer training captions are cut, and captioning stops there"
+        30, "longest caption in tokens: longer training captions are cut, and captioning stops there", bounds="[1, inf)"
     )
 
     def __post_init__(self):
@@ -56,14 +66,8 @@ class DataConfig:
                 "give the training data one way: --shapes-train N (synthetic shapes), --karpathy-json FILE "
                 "with --image-folder DIR, --train-tsv FILE, or --tfds-name coco_captions"
             )
-        if self.shapes_train is not None and self.shapes_train < 1:
-            raise ValueError(f"--shapes-train must be at least 1, got {self.shapes_train}")
-        if self.shapes_val < 0:
-            raise ValueError(f"--shapes-val must be at least 0, got {self.shapes_val}")
         if self.karpathy_json and not self.image_folder:
             raise ValueError("--karpathy-json needs --image-folder (the folder its image paths are relative to)")
-        if self.max_caption_length < 1:
-            raise ValueError(f"max_caption_length must be at least 1, got {self.max_caption_length}")
 
 
 @dataclasses.dataclass
@@ -90,7 +94,7 @@ class ModelConfig(ModelSpec):
     cache_features: bool = option(
         False, "run the frozen backbone once over the images and train on its saved features (needs --no-fine-tune)"
     )
-    image_size: int = option(64, "images are resized to this many pixels square")
+    image_size: int = option(64, "images are resized to this many pixels square", bounds="[1, inf)")
     small_cnn_pools: int = option(
         3, "small_cnn blocks that halve the grid; fewer give a finer grid whose cells see less of the image",
         choices=SMALL_CNN_POOLS,
@@ -103,11 +107,12 @@ class ModelConfig(ModelSpec):
     encoder_activation: str | None = option(
         "relu", "activation of the projection of the image features; null in a config file: linear", choices=ACTIVATIONS
     )
-    encoder_dropout: float = option(0.0, "dropout rate on the backbone features, before the projection")
+    encoder_dropout: float = option(0.0, "dropout rate on the backbone features, before the projection", bounds="[0, 1)")
     # Off by default: on the shapes data it sent consecutive words of one object to different
     # cells and cut attention localisation (saved_models/shapes_captioner/COMMAND.md).
     attention_regularizer: float = option(
-        0.0, "weight of the doubly stochastic attention penalty: every grid cell attended about equally over a caption"
+        0.0, "weight of the doubly stochastic attention penalty: every grid cell attended about equally over a caption",
+        bounds="[0, inf)",
     )
 
     def __post_init__(self):
@@ -119,8 +124,6 @@ class ModelConfig(ModelSpec):
             self.fine_tune = self.backbone == "small_cnn"
         if self.cache_features and self.fine_tune:
             raise ValueError("--cache-features needs a frozen backbone (--no-fine-tune): cached features would go stale")
-        if self.attention_regularizer < 0:
-            raise ValueError(f"attention_regularizer must be >= 0, got {self.attention_regularizer}")
 
 
 @dataclasses.dataclass
@@ -134,15 +137,16 @@ class BatchConfig:
     inference, do not (validation loss far above training loss).
     """
 
-    batch_size: int = option(64, "captions per batch, each with its image")
-    pad_to_multiple: int = option(1, "pad each batch's length to a multiple of this (fewer shapes to compile)")
+    batch_size: int = option(64, "captions per batch, each with its image", bounds="[1, inf)")
+    pad_to_multiple: int = option(
+        1, "pad each batch's length to a multiple of this (fewer shapes to compile)", bounds="[1, inf)"
+    )
     sort_by_length: bool | None = option(
         None, "cut batches from captions sorted by length, for less padding", if_none="only with a frozen backbone"
     )
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        check_choices(self, "batching ")
 
 
 @dataclasses.dataclass

@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The largest declared width x height decoded, here and (the export's default) in the captioning
+# SavedModel's graph, which refuses larger images from their headers too.
 DEFAULT_MAX_PIXELS = 50_000_000
 WHITE = (255, 255, 255)
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})

@@ -17,6 +17,7 @@ runs once over the data and the model trains on the cached feature grids.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import keras
@@ -28,7 +29,7 @@ from seq2seq.batching import plan_batches
 from seq2seq.cli import log
 from seq2seq.config import RUN_CONFIG
 from seq2seq.factory import build_model
-from seq2seq.run import load_trained_weights, open_run, save_export, train_under_precision
+from seq2seq.run import load_trained_weights, open_run, restore_exported_weights, save_export, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import Trainer, ValidationScore, sequence_batches
 from seq2seq.tasks.captioning.captioner import Captioner
@@ -36,6 +37,7 @@ from seq2seq.tasks.captioning.config import CaptionConfig
 from seq2seq.tasks.captioning.encoder import ImageEncoder, compute_features, image_model_from_feature_model
 from seq2seq.tasks.captioning.evaluation import corpus_bleu_scores
 from seq2seq.tasks.captioning.data import read_split
+from seq2seq.tasks.captioning.images import DEFAULT_MAX_PIXELS
 from seq2seq.tasks.captioning.inference import caption_sources
 
 VOCAB_FILE = "captions.vocab"
@@ -44,6 +46,8 @@ BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 
 class CaptionRun:
     """A run directory with its config, tokenizer and vocabulary."""
+
+    FILES = (VOCAB_FILE, BACKBONE_WEIGHTS_FILE)  # what `create` and the training's `prepare` write besides config.yaml
 
     def __init__(self, run_dir, config, vocab):
         self.run_dir = Path(run_dir)
@@ -108,11 +112,11 @@ class CaptionRun:
             model = image_model_from_feature_model(model, self.image_encoder())
         return model
 
-    def captioner(self, model):
+    def captioner(self, model, max_pixels=DEFAULT_MAX_PIXELS):
         encoder = model.encoder
         return Captioner(
             model, self.vocab, self.tokenizer, self.config.model.image_size, encoder.grid_size,
-            max_length=self.config.data.max_caption_length,
+            max_length=self.config.data.max_caption_length, max_pixels=max_pixels,
         )
 
 
@@ -184,45 +188,48 @@ def _train(config, precision_note, validation_bleu):
             keras.utils.set_random_seed(run.config.training.seed)
             run.image_encoder().backbone.save_weights(backbone_file)
 
-    run = open_run(config, strategy, CaptionRun.load, create, holds="vocabulary", prepare=save_backbone)
-    train_set = read["train"] if "train" in read else read_split(run.config, "train")
-    valid_set = read_split(run.config, "valid")
-    log(
-        f"train: {len(train_set)} images, {sum(map(len, train_set.captions))} captions; valid: "
-        f"{len(valid_set) if valid_set else 0} images; vocabulary: {len(run.vocab)} tokens"
-    )
-    m = run.config.model
-    keras.utils.set_random_seed(run.config.training.seed)  # the same initial weights on every run and worker
-    with distribute.scope(strategy):
+    with open_run(
+        config, strategy, CaptionRun.load, create, holds="vocabulary", prepare=save_backbone, files=CaptionRun.FILES
+    ) as run:
+        train_set = read["train"] if "train" in read else read_split(run.config, "train")
+        valid_set = read_split(run.config, "valid")
+        log(
+            f"train: {len(train_set)} images, {sum(map(len, train_set.captions))} captions; valid: "
+            f"{len(valid_set) if valid_set else 0} images; vocabulary: {len(run.vocab)} tokens"
+        )
+        m = run.config.model
+        keras.utils.set_random_seed(run.config.training.seed)  # the same initial weights on every run and worker
+        with distribute.scope(strategy):
+            if m.cache_features:
+                image_encoder = run.image_encoder()
+                model = run.build_feature_model(image_encoder)
+            else:
+                model = run.build_model()
+            trainer = Trainer(model, run.config.training, strategy)
         if m.cache_features:
-            image_encoder = run.image_encoder()
-            model = run.build_feature_model(image_encoder)
+            log(f"caching {m.backbone} features of {len(train_set)} training images")
+            train_sources = compute_features(image_encoder, train_set.images)
+            valid_sources = compute_features(image_encoder, valid_set.images) if valid_set else None
         else:
-            model = run.build_model()
-        trainer = Trainer(model, run.config.training, strategy)
-    if m.cache_features:
-        log(f"caching {m.backbone} features of {len(train_set)} training images")
-        train_sources = compute_features(image_encoder, train_set.images)
-        valid_sources = compute_features(image_encoder, valid_set.images) if valid_set else None
-    else:
-        train_sources, valid_sources = train_set.images, valid_set.images if valid_set else None
-    log(f"model: {model.count_params():,} parameters, precision {precision_note}")
-    batches = make_batches(run, train_set, train_sources, shuffle=True, report_name="train")
-    validation, callbacks = None, []
-    if valid_set:
-        validation = make_batches(run, valid_set, valid_sources, shuffle=False, report_name="valid")
-        if validation_bleu:
-            grid = (image_encoder if m.cache_features else model.encoder).grid_size
-            captioner = Captioner(model, run.vocab, run.tokenizer, m.image_size, grid, run.config.data.max_caption_length)
-            callbacks.append(validation_bleu_callback(captioner, valid_sources, valid_set.captions))
-    trainer.fit(batches, validation=validation, callbacks=callbacks)
+            train_sources, valid_sources = train_set.images, valid_set.images if valid_set else None
+        log(f"model: {model.count_params():,} parameters, precision {precision_note}")
+        batches = make_batches(run, train_set, train_sources, shuffle=True, report_name="train")
+        validation, callbacks = None, []
+        if valid_set:
+            validation = make_batches(run, valid_set, valid_sources, shuffle=False, report_name="valid")
+            if validation_bleu:
+                grid = (image_encoder if m.cache_features else model.encoder).grid_size
+                captioner = Captioner(model, run.vocab, run.tokenizer, m.image_size, grid, run.config.data.max_caption_length)
+                callbacks.append(validation_bleu_callback(captioner, valid_sources, valid_set.captions))
+        trainer.fit(batches, validation=validation, callbacks=callbacks)
     return run, model
 
 
-def export(run, model, export_dir, beam_size=3, length_penalty=0.0):
-    """Writes a SavedModel with `serving_default` (encoded images -> captions, scores; beam search inside)
-    and `caption_with_attention` (images, beam_size -> also tokens and attention over the grid)."""
-    captioner = run.captioner(model)
+def export(run, model, export_dir, beam_size=3, length_penalty=0.0, max_pixels=DEFAULT_MAX_PIXELS):
+    """Writes a SavedModel with `serving_default` (encoded images -> captions, scores, errors; beam search
+    inside) and `caption_with_attention` (images, beam_size -> also tokens and attention over the grid).
+    Images that declare more than `max_pixels` pixels are refused unread (`info()["max_pixels"]`)."""
+    captioner = run.captioner(model, max_pixels=max_pixels)
     signatures = {
         "serving_default": captioner.serving_function(beam_size, length_penalty),
         "caption_with_attention": captioner.attention_function(length_penalty),
@@ -230,3 +237,19 @@ def export(run, model, export_dir, beam_size=3, length_penalty=0.0):
     extra = save_export(captioner, export_dir, signatures, run.config)
     run.vocab.save(extra / VOCAB_FILE)
     return Path(export_dir)
+
+
+def load_export(export_dir):
+    """The run and the image model of a captioning SavedModel this toolkit exported, so that it can be
+    exported again with the current graph: the same weights, config and vocabulary (from assets.extra)."""
+    export_dir = Path(export_dir)
+    extra = export_dir / "assets.extra"
+    if not (extra / RUN_CONFIG).is_file() or not (extra / VOCAB_FILE).is_file():
+        raise DataError(f"{export_dir}: not a captioning SavedModel exported by seq2seq (no assets.extra/{RUN_CONFIG} "
+                        f"and {VOCAB_FILE})")
+    config = CaptionConfig.load(extra / RUN_CONFIG)
+    unloaded = dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_weights=None))  # weights follow
+    run = CaptionRun(export_dir, unloaded, Vocabulary.load(extra / VOCAB_FILE))
+    model = restore_exported_weights(run.build_model, export_dir)
+    run.config = config  # the export's own config goes into the new export
+    return run, model

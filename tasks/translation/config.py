@@ -17,12 +17,16 @@ class DataConfig:
     train_source: str | None = option(None, "training source sentences, one a line (with train_target)")
     train_target: str | None = option(None, "training target sentences, line by line the translations of train_source")
     train_tsv: str | None = option(None, "training pairs, one source<TAB>target a line")
-    valid_source: str | None = option(None, "validation source sentences, one a line (with valid_target)")
-    valid_target: str | None = option(None, "validation target sentences, line-aligned with valid_source")
-    valid_tsv: str | None = option(None, "validation pairs, one source<TAB>target a line")
+    valid_source: str | None = option(
+        None, "validation source sentences, one a line (with valid_target)", may_change_on_resume=True
+    )
+    valid_target: str | None = option(
+        None, "validation target sentences, line-aligned with valid_source", may_change_on_resume=True
+    )
+    valid_tsv: str | None = option(None, "validation pairs, one source<TAB>target a line", may_change_on_resume=True)
     tfds_name: str | None = option(None, "TensorFlow Datasets translation data set, e.g. ted_hrlr_translate/pt_to_en")
     tfds_train_split: str = option("train", "TFDS split to train on")
-    tfds_valid_split: str = option("validation", "TFDS split to validate on")
+    tfds_valid_split: str = option("validation", "TFDS split to validate on", may_change_on_resume=True)
     tfds_data_dir: str | None = option(None, "where TFDS keeps its data sets", if_none="TFDS's own, ~/tensorflow_datasets")
     source_lang: str | None = option(
         None, "TFDS feature of the source language, e.g. de", if_none="the data set's supervised keys"
@@ -31,11 +35,13 @@ class DataConfig:
         None, "TFDS feature of the target language, e.g. en", if_none="the data set's supervised keys"
     )
     max_source_length: int = option(
-        100, "longest source in tokens: longer training pairs are dropped, longer inputs to translate are cut"
+        100, "longest source in tokens: longer training pairs are dropped, longer inputs to translate are cut",
+        bounds="[1, inf)",
     )
-    max_target_length: int = option(100, "longest target in tokens: longer training pairs are dropped")
+    max_target_length: int = option(100, "longest target in tokens: longer training pairs are dropped", bounds="[1, inf)")
 
     def __post_init__(self):
+        check_choices(self, "data ")
         sources = [bool(self.train_source or self.train_target), bool(self.train_tsv), bool(self.tfds_name)]
         if sum(sources) != 1:
             raise ValueError(
@@ -56,9 +62,15 @@ class TokenizationConfig:
         "(needs tensorflow-text ops)", choices=SCHEMES,
     )
     lowercase: bool = option(False, "lowercase the text before tokenizing (word scheme)")
-    source_vocab_size: int = option(8000, "size of the source vocabulary (or SentencePiece model), reserved tokens included")
-    target_vocab_size: int = option(8000, "size of the target vocabulary (or SentencePiece model), reserved tokens included")
-    min_count: int = option(1, "words seen fewer times in the training data become <unk> (word scheme)")
+    source_vocab_size: int = option(
+        8000, "size of the source vocabulary (or SentencePiece model), reserved tokens included", bounds="[5, inf)"
+    )
+    target_vocab_size: int = option(
+        8000, "size of the target vocabulary (or SentencePiece model), reserved tokens included", bounds="[5, inf)"
+    )
+    min_count: int = option(
+        1, "words seen fewer times in the training data become <unk> (word scheme)", bounds="[1, inf)"
+    )
     sentencepiece_model_type: str = option(
         "unigram", "SentencePiece segmentation algorithm (sentencepiece scheme)", choices=SENTENCEPIECE_MODEL_TYPES
     )
@@ -76,18 +88,21 @@ class ModelConfig(ModelSpec):
 class BatchConfig:
     """Batches of `batch_size` sentence pairs, or of at most `max_tokens` padded tokens."""
 
-    batch_size: int | None = option(64, "sentence pairs per batch (max_tokens, when set, replaces it)")
+    batch_size: int | None = option(64, "sentence pairs per batch (max_tokens, when set, replaces it)", bounds="[1, inf)")
     max_tokens: int | None = option(
         None, "instead of batch_size: at most this many padded tokens per batch (pairs times the longest one)",
-        if_none="batch_size decides",
+        if_none="batch_size decides", bounds="[1, inf)",
     )
     bucket_width: int | None = option(
         None, "sort pairs into length buckets of this width before batching (more varied batches, a little more padding)",
-        if_none="sort by exact length",
+        if_none="sort by exact length", bounds="[1, inf)",
     )
-    pad_to_multiple: int = option(1, "pad each batch's length to a multiple of this (fewer shapes to compile)")
+    pad_to_multiple: int = option(
+        1, "pad each batch's length to a multiple of this (fewer shapes to compile)", bounds="[1, inf)"
+    )
 
     def __post_init__(self):
+        check_choices(self, "batching ")
         if self.max_tokens:
             self.batch_size = None
         if not self.batch_size and not self.max_tokens:

@@ -4,7 +4,10 @@ import sacrebleu
 
 
 def corpus_scores(hypotheses, references):
-    """sacreBLEU (cased, 13a) and chrF with their signatures."""
+    """sacreBLEU (cased, 13a) and chrF with their signatures; a ValueError when there is nothing
+    to score (sacreBLEU itself fails with an IndexError on empty lists)."""
+    if not hypotheses:
+        raise ValueError("no sentences to score")
     bleu = sacrebleu.metrics.BLEU()
     chrf = sacrebleu.metrics.CHRF()
     bleu_score = bleu.corpus_score(hypotheses, [references])

@@ -14,7 +14,6 @@ directory; the other workers read it, so it must be on storage every worker sees
 
 from pathlib import Path
 
-import keras
 import numpy as np
 import sacrebleu
 import tensorflow as tf
@@ -57,6 +56,8 @@ def read_pairs(config, split):
 
 class TranslationRun:
     """A run directory with its config, tokenizers and vocabularies."""
+
+    FILES = ("source.vocab", "target.vocab", "source.spm", "target.spm")  # what `create` writes besides config.yaml
 
     def __init__(self, run_dir, config, source_tokenizer, target_tokenizer, source_vocab, target_vocab):
         self.run_dir = Path(run_dir)
@@ -177,28 +178,31 @@ def train(config, validation_bleu=True, callbacks=()):
 
 def _train(config, precision_note, validation_bleu, callbacks):
     strategy = distribute.make_strategy(config.training.distribution)
-    # The same initial weights on every run and worker. Seeded before any tokenizer exists:
-    # seeding clears TF's eager kernel cache, which would free the SentencePiece op's model.
-    keras.utils.set_random_seed(config.training.seed)
-    train_sources, train_targets = read_pairs(config, "train")
-    valid_sources, valid_targets = read_pairs(config, "valid")
-    run = open_run(config, strategy, TranslationRun.load, lambda: TranslationRun.create(config, train_sources, train_targets))
-    log(
-        f"train: {len(train_sources)} pairs; valid: {len(valid_sources)} pairs; "
-        f"vocabularies: {len(run.source_vocab)} source, {len(run.target_vocab)} target tokens"
-    )
-    batches = make_batches(run, train_sources, train_targets, shuffle=True, report_name="train")
-    validation = None
-    callbacks = list(callbacks)
-    if valid_sources:
-        validation = make_batches(run, valid_sources, valid_targets, shuffle=False, report_name="valid")
-    with distribute.scope(strategy):
-        model = run.build_model()
-        trainer = Trainer(model, run.config.training, strategy)
-    log(f"model: {model.count_params():,} parameters, precision {precision_note}")
-    if valid_sources and validation_bleu:
-        callbacks.append(validation_bleu_callback(run.translator(model), valid_sources, valid_targets))
-    trainer.fit(batches, validation=validation, callbacks=callbacks)
+    read = {}  # the training pairs, when creating the run read them already
+
+    def create():
+        read["train"] = read_pairs(config, "train")
+        return TranslationRun.create(config, *read["train"])
+
+    with open_run(config, strategy, TranslationRun.load, create, files=TranslationRun.FILES) as run:
+        train_sources, train_targets = read["train"] if "train" in read else read_pairs(run.config, "train")
+        valid_sources, valid_targets = read_pairs(run.config, "valid")
+        log(
+            f"train: {len(train_sources)} pairs; valid: {len(valid_sources)} pairs; "
+            f"vocabularies: {len(run.source_vocab)} source, {len(run.target_vocab)} target tokens"
+        )
+        batches = make_batches(run, train_sources, train_targets, shuffle=True, report_name="train")
+        validation = None
+        callbacks = list(callbacks)
+        if valid_sources:
+            validation = make_batches(run, valid_sources, valid_targets, shuffle=False, report_name="valid")
+        with distribute.scope(strategy):
+            model = run.build_model()
+            trainer = Trainer(model, run.config.training, strategy)
+        log(f"model: {model.count_params():,} parameters, precision {precision_note}")
+        if valid_sources and validation_bleu:
+            callbacks.append(validation_bleu_callback(run.translator(model), valid_sources, valid_targets))
+        trainer.fit(batches, validation=validation, callbacks=callbacks)
     return run, model
 
 
@@ -238,4 +242,4 @@ def load_export(export_dir):
         run = TranslationRun(export_dir, config, *tokenizers, *vocabs)
     else:
         run = TranslationRun.from_files(export_dir, extra, config)
-    return run, restore_exported_weights(run.build_model(), export_dir)
+    return run, restore_exported_weights(run.build_model, export_dir)
