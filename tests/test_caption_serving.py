@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from seq2seq.tasks.captioning import captioner as graph
+from seq2seq.tasks.captioning import image_graph as graph
 from seq2seq.tasks.captioning.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from test_images import png_with_declared_size
 
