@@ -205,7 +205,7 @@ def evaluation_set(args, image_size):
 
 
 def command_evaluate(args):
-    from seq2seq.tasks.captioning.evaluation import attention_localisation, corpus_bleu_scores
+    from seq2seq.tasks.captioning.evaluation import attention_localisation, cider_d, corpus_bleu_scores
     from seq2seq.tasks.captioning.inference import caption_images
 
     model = resolve_model(args.model, args.weights)
@@ -217,7 +217,10 @@ def command_evaluate(args):
         out = caption_images(model, test_set.images, beam_size=beam_size, length_penalty=args.length_penalty, batch_size=args.batch_size)
         hypotheses = [c.decode("utf-8") for c in out["captions"]]
         scores = corpus_bleu_scores(hypotheses, test_set.captions)
+        scores["cider_d"] = cider_d(hypotheses, test_set.captions)
         line = f"{name:>8}: " + "  ".join(f"BLEU-{n} {scores[f'bleu_{n}']:.4f}" for n in range(1, 5))
+        if scores["cider_d"] is not None:
+            line += f"  CIDEr-D {scores['cider_d']:.3f}"
         if test_set.scenes is not None:
             grid = (info["grid_height"], info["grid_width"])
             localisation = attention_localisation(test_set.scenes, out["tokens"], out["attention"], grid, info["image_size"])
@@ -229,6 +232,10 @@ def command_evaluate(args):
             results["searches"][name]["captions"] = hypotheses
         print(line)
     print(f"  ({len(test_set)} images; corpus BLEU with all references, nltk corpus_bleu, lowercased, punctuation removed)")
+    if results["searches"][name]["cider_d"] is None:
+        print("  (CIDEr-D not computed: pip install pycocoevalcap, or seq2seq[coco])")
+    else:
+        print("  (CIDEr-D by pycocoevalcap on the same words; METEOR and SPICE need Java and are not run)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -153,11 +153,12 @@ def test_evaluate_shapes_greedy_and_beam(tiny_export, tmp_path, capsys):
         "--beam-size", "2", "--json", scores_file, "--captions",
     )
     assert code == 0, err
-    assert "greedy: BLEU-1" in out and "beam 2: BLEU-1" in out and "BLEU-4" in out
+    assert "greedy: BLEU-1" in out and "beam 2: BLEU-1" in out and "BLEU-4" in out and "CIDEr-D" in out
+    assert "METEOR and SPICE need Java" in out
     scores = json.loads(scores_file.read_text())
     assert scores["images"] == 6 and set(scores["searches"]) == {"greedy", "beam 2"}
     for result in scores["searches"].values():
-        assert 0 <= result["bleu_4"] <= result["bleu_1"] <= 1
+        assert 0 <= result["bleu_4"] <= result["bleu_1"] <= 1 and 0 <= result["cider_d"] <= 10
         assert len(result["captions"]) == 6 and "words" in result and "localisation" in result
 
 

@@ -9,6 +9,7 @@ from seq2seq.tasks.captioning.evaluation import (
     attention_localisation,
     caption_words,
     cell_centre,
+    cider_d,
     corpus_bleu_scores,
 )
 
@@ -67,3 +68,19 @@ def test_attention_localisation_counts_colour_and_shape_words():
     big = shapes.Scene(np.zeros((128, 128, 3), np.uint8), [], [shapes.ShapeObject("circle", "red", "large", (0, 0, 10, 10))])
     assert attention_localisation([big], [[b"circle"]], np.eye(64)[None, :1], (8, 8), 64)["hits"] == 1
     assert attention_localisation([scene], [["a"]], np.zeros((1, 1, 64)), (8, 8), 64)["localisation"] is None
+
+
+def test_cider_d_of_a_hand_checked_example():
+    """Two images, disjoint words, so every n-gram's IDF is ln 2 (it occurs in one image of two).
+    Image 1: "A." against "a b": unigram cosine 1/sqrt(2) (clipped), no bigram, and the length
+    penalty exp(-1/72) for its bigram count 0 against 1; the four n-gram orders averaged, x10:
+    10 * exp(-1/72) / (4 sqrt 2) = 1.7434. Image 2: "C d" against "c d": cosine 1 for uni- and
+    bigrams, 0 for the orders the captions are too short for: 10 * 2/4 = 5. Corpus: the mean."""
+    import math
+
+    pytest.importorskip("pycocoevalcap")
+    expected = (10 * math.exp(-1 / 72) / (4 * math.sqrt(2)) + 5) / 2
+    assert cider_d(["A.", "C d"], [["a b"], ["c d"]]) == pytest.approx(expected, rel=1e-9)
+    assert cider_d(["x y", "z"], [["a b"], ["c d"]]) == 0.0
+    with pytest.raises(ValueError, match="1 hypotheses for 2 reference lists"):
+        cider_d(["a"], [["a b"], ["c d"]])

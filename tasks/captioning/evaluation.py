@@ -5,6 +5,11 @@ BLEU (Papineni et al., 2002) with every reference caption of an image, on lowerc
 captions with punctuation removed, BLEU-n with uniform weights over 1..n-grams, computed by
 nltk's `corpus_bleu`, reported on a 0-1 scale.
 
+CIDEr-D (Vedantam et al., 2015), the COCO caption leaderboard's main metric, is computed by
+the COCO toolkit's own code (pycocoevalcap, installed with `pip install seq2seq[coco]`), on the
+same lowercased, punctuation-free words as BLEU: the toolkit's PTB tokenizer, METEOR and SPICE
+need Java and are not run. Its IDF weights come from the references of the images scored.
+
 Attention localisation (synthetic shapes only): for every generated colour or shape word
 that names one object of the scene (`shapes.object_for_word`), take the attention cell with
 the highest weight at that step, map it from the h x w grid to the pixels it covers (cell
@@ -54,6 +59,22 @@ def corpus_bleu_scores(hypotheses, references):
         scores = {name: float(corpus_bleu(refs, hyps, weights=weights)) for name, weights in BLEU_WEIGHTS.items()}
     scores["images"] = len(hypotheses)
     return scores
+
+
+def cider_d(hypotheses, references):
+    """Corpus CIDEr-D of `hypotheses` ([N] strings) against `references` ([N] lists of strings),
+    on the COCO scale (10 for a perfect match of captions of four words or more); None when
+    pycocoevalcap is not installed."""
+    try:
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError:
+        return None
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} reference lists")
+    candidates = {i: [" ".join(caption_words(h))] for i, h in enumerate(hypotheses)}
+    truth = {i: [" ".join(caption_words(r)) for r in refs] for i, refs in enumerate(references)}
+    score, _ = Cider().compute_score(truth, candidates)
+    return float(score)
 
 
 def cell_centre(cell, grid_size, image_size):
