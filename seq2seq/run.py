@@ -172,10 +172,25 @@ def run_lock(run_dir):
     train process at a time writes it: another gets a one-line TrainingError naming the holder
     (the pid and host it wrote into the file). The lock is the kernel's (flock), released
     when its process ends however it ends (kill -9 too): a lock file left behind blocks no
-    one. On a file system without locks, a warning says that nothing guards the directory."""
+    one. On a file system without locks, a warning says that nothing guards the directory.
+    A directory this call created is removed again if the block leaves nothing but the lock
+    in it (a start that failed its checks leaves no empty run directory behind)."""
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
+    try:
+        with _held(run_dir, path):
+            yield
+    finally:
+        if created and [entry.name for entry in run_dir.iterdir()] == [LOCK_FILE]:
+            path.unlink()
+            run_dir.rmdir()
+
+
+@contextlib.contextmanager
+def _held(run_dir, path):
+    """The flock on `path` for the block (`run_lock`)."""
     with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
