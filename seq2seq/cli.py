@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from seq2seq.config import RUN_CONFIG, field_choices, field_default, field_doc
+from seq2seq.config import RUN_CONFIG, field_bounds, field_choices, field_default, field_doc
 from seq2seq.quiet import native_logs_filtered
 
 USER_TF_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")  # the user's own choice, which we leave alone
@@ -101,12 +101,15 @@ def add_dataclass_flags(parser, section_name, section_class, skip=()):
 
 
 def flag_help(field):
-    """`doc (default: X)` of a config field; argparse's % formatting escaped."""
+    """`doc; BOUNDS (default: X)` of a config field, e.g. "...; in [0, 1) (default: 0.2)";
+    argparse's % formatting escaped."""
     if field.default is dataclasses.MISSING:
         default = "required, here or in the config file"
     else:
         default = f"default: {field_default(field)}"
-    return f"{field_doc(field)} ({default})".replace("%", "%%")
+    bounds = field_bounds(field)
+    allowed = f"; {bounds}" if bounds is not None else ""
+    return f"{field_doc(field)}{allowed} ({default})".replace("%", "%%")
 
 
 def command_parser(prog, description):

@@ -95,7 +95,7 @@ def test_train_help_describes_the_learning_rate(capsys):
     with pytest.raises(SystemExit):
         translate.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--learning-rate FLOAT peak learning rate (after warm-up) (default: 0.001)" in text
+    assert "--learning-rate FLOAT peak learning rate (after warm-up); positive (default: 0.001)" in text
 
 
 def test_a_subclass_default_is_the_one_shown():
@@ -145,3 +145,11 @@ def test_a_value_outside_the_choices_is_one_error_line(capsys, tmp_path, cli_nam
     """The config checks the choices --help shows, for flags and YAML files alike."""
     code = CLIS[cli_name].main(["train", *flags, "--output-dir", str(tmp_path / "run")])
     assert message in error_line(capsys, code)
+
+
+@pytest.mark.parametrize("cli_name", CLIS)
+def test_number_flags_state_the_range_their_config_field_allows(cli_name):
+    train = subcommand(cli_name, "train")
+    assert "; in [0, 1) (default: " in flag(train, "--dropout").help
+    assert "; positive (default: " in flag(train, "--learning-rate").help
+    assert "; at least 1 (default: " in flag(train, "--units").help
