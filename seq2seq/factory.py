@@ -27,7 +27,7 @@ DECODER_FIELDS = {
     },
     "transformer": {
         "units", "decoder_layers", "num_heads", "ffn_dim", "positions", "max_positions", "tie_embeddings", "dropout",
-        "alignment_layer",
+        "attention_dropout", "activation_dropout", "alignment_layer", "share_embeddings",
     },
 }
 
@@ -40,7 +40,10 @@ class ModelSpec:
     # The fields each encoder type reads; a task with its own encoder names its type here instead.
     ENCODER_FIELDS = {
         "rnn": {"cell_type", "encoder_units", "embedding_dim", "encoder_layers", "bidirectional", "merge_mode", "dropout"},
-        "transformer": {"encoder_units", "encoder_layers", "num_heads", "ffn_dim", "positions", "max_positions", "dropout"},
+        "transformer": {
+            "encoder_units", "encoder_layers", "num_heads", "ffn_dim", "positions", "max_positions", "dropout",
+            "attention_dropout", "activation_dropout", "share_embeddings",
+        },
     }
 
     encoder_type: str = option("rnn", "encoder architecture", choices=lambda spec: spec.ENCODER_FIELDS)
@@ -72,7 +75,18 @@ class ModelSpec:
     tie_embeddings: bool = option(
         False, "use the target embeddings as the decoder's output projection (RNN decoder: needs embedding_dim == units)"
     )
+    share_embeddings: bool = option(
+        False, "one matrix for the source embedding, the target embedding and the output projection (Transformer "
+        "encoder and decoder of equal sizes; needs a joint vocabulary, i.e. equal source and target vocabularies)",
+    )
     dropout: float = option(0.2, "dropout rate of the RNN and Transformer layers", bounds="[0, 1)")
+    attention_dropout: float | None = option(
+        None, "dropout rate of the Transformer attention probabilities", if_none="dropout", bounds="[0, 1)"
+    )
+    activation_dropout: float | None = option(
+        None, "dropout rate after the inner (ReLU) activation of the Transformer feed-forward layers",
+        if_none="dropout", bounds="[0, 1)",
+    )
     bridge: str = option(
         "dense", "initial state of the RNN decoder: projected from the encoder's final states (dense) or zeros",
         choices=Bridge.KINDS,
@@ -101,6 +115,30 @@ class ModelSpec:
                     f"model {field.name} does not apply to a {self.encoder_type} encoder with a "
                     f"{self.decoder_type} decoder; remove it (it is read by: {self._readers(field.name)})"
                 )
+        self.check_shared_embeddings()
+
+    def check_shared_embeddings(self, source_vocab_size=None, target_vocab_size=None):
+        """A one-line ValueError saying what to fix when share_embeddings cannot give one matrix:
+        both parts must be Transformers of one size (the embedding width), over one vocabulary
+        (checked when the vocabulary sizes are given)."""
+        if not self.share_embeddings:
+            return
+        if (self.encoder_type, self.decoder_type) != ("transformer", "transformer"):
+            raise ValueError(
+                f"model share_embeddings needs a transformer encoder and a transformer decoder, got a "
+                f"{self.encoder_type} encoder with a {self.decoder_type} decoder; set both types to transformer "
+                "or drop share_embeddings"
+            )
+        if self.encoder_size != self.units:
+            raise ValueError(
+                f"model share_embeddings needs encoder_units equal to units (one embedding width), got "
+                f"{self.encoder_size} and {self.units}; make them equal or drop share_embeddings"
+            )
+        if source_vocab_size is not None and source_vocab_size != target_vocab_size:
+            raise ValueError(
+                f"model share_embeddings needs one joint vocabulary, got {source_vocab_size} source and "
+                f"{target_vocab_size} target tokens; use a joint source/target vocabulary or drop share_embeddings"
+            )
 
     @property
     def encoder_size(self):
@@ -122,8 +160,9 @@ def build_encoder(spec, source_vocab_size=None):
     if spec.encoder_type == "transformer":
         return TransformerEncoder(
             units=spec.encoder_size, num_layers=spec.encoder_layers, num_heads=spec.num_heads, ffn_dim=spec.ffn_dim,
-            dropout=spec.dropout, positions=spec.positions, max_length=spec.max_positions, vocab_size=source_vocab_size,
-            name="encoder",
+            dropout=spec.dropout, attention_dropout=spec.attention_dropout,
+            activation_dropout=spec.activation_dropout, positions=spec.positions, max_length=spec.max_positions,
+            vocab_size=source_vocab_size, name="encoder",
         )
     if spec.encoder_type == "rnn":
         return RNNEncoder(
@@ -138,8 +177,10 @@ def build_decoder(spec, target_vocab_size):
     if spec.decoder_type == "transformer":
         return TransformerDecoder(
             target_vocab_size, units=spec.units, num_layers=spec.decoder_layers, num_heads=spec.num_heads,
-            ffn_dim=spec.ffn_dim, dropout=spec.dropout, positions=spec.positions, max_length=spec.max_positions,
-            tie_embeddings=spec.tie_embeddings, alignment_layer=spec.alignment_layer, name="decoder",
+            ffn_dim=spec.ffn_dim, dropout=spec.dropout, attention_dropout=spec.attention_dropout,
+            activation_dropout=spec.activation_dropout, positions=spec.positions, max_length=spec.max_positions,
+            tie_embeddings=spec.tie_embeddings or spec.share_embeddings, alignment_layer=spec.alignment_layer,
+            name="decoder",
         )
     return AttentionDecoder(
         target_vocab_size, cell_type=spec.cell_type, units=spec.units, num_layers=spec.decoder_layers,
@@ -157,7 +198,12 @@ def build_model(
 
     Sources are token ids (source_vocab_size), vectors [batch, time, source_dim], or whatever
     a task's own `encoder` layer takes (then give its `source_shape` without the batch axis).
+    With `spec.share_embeddings` the encoder's and the decoder's embedding (and output
+    projection) are one variable, which needs token sources over the target vocabulary.
     """
+    spec.check_shared_embeddings(source_vocab_size, target_vocab_size)
+    if spec.share_embeddings and (encoder is not None or source_vocab_size is None):
+        raise ValueError("model share_embeddings needs token-id sources (a source vocabulary); drop share_embeddings")
     if encoder is None:
         if source_vocab_size is None and not source_dim:
             raise ValueError("give source_vocab_size for token sources or source_dim for vector sources")
@@ -166,7 +212,7 @@ def build_model(
     decoder = build_decoder(spec, target_vocab_size)
     model = Seq2SeqModel(
         encoder, decoder, bridge_for(decoder, kind=spec.bridge), source_shape=source_shape, start_id=start_id,
-        end_id=end_id, attention_regularizer=attention_regularizer,
+        end_id=end_id, attention_regularizer=attention_regularizer, share_embeddings=spec.share_embeddings,
     )
     model.build()
     return model

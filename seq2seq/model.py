@@ -20,12 +20,25 @@ class Seq2SeqModel(keras.Model):
     {"memory", "memory_mask", "final_states"} (RNNEncoder for text, an image encoder for
     captioning); the decoder is any layer with `prepare_context`, `initial_state`, `step`
     and a teacher-forced `call` (AttentionDecoder, or a Transformer decoder).
+
+    `share_embeddings`: the decoder takes the encoder's embedding layer as its own
+    (`decoder.share_embedding`), so both are one variable; kept in the config, so a loaded
+    model shares it again.
     """
 
     def __init__(
-        self, encoder, decoder, bridge, source_shape=(None,), start_id=2, end_id=3, attention_regularizer=0.0, **kwargs
+        self, encoder, decoder, bridge, source_shape=(None,), start_id=2, end_id=3, attention_regularizer=0.0,
+        share_embeddings=False, **kwargs
     ):
         super().__init__(**kwargs)
+        if share_embeddings:
+            if not hasattr(decoder, "share_embedding") or getattr(encoder, "embedding", None) is None:
+                raise ValueError(
+                    "share_embeddings needs an encoder over token ids with an `embedding` layer and a decoder "
+                    f"with `share_embedding`, got {type(encoder).__name__} and {type(decoder).__name__}"
+                )
+            decoder.share_embedding(encoder.embedding)
+        self.share_embeddings = share_embeddings
         self.encoder = encoder
         self.decoder = decoder
         self.bridge = bridge
@@ -100,6 +113,7 @@ class Seq2SeqModel(keras.Model):
             "start_id": self.start_id,
             "end_id": self.end_id,
             "attention_regularizer": self.attention_regularizer,
+            "share_embeddings": self.share_embeddings,
         }
 
     @classmethod
@@ -136,7 +150,9 @@ def quantize_weights(model):
     so inference speed is nearly unchanged). The model is then for inference only.
 
     A decoder embedding tied to the output projection stays float: the projection reads its
-    matrix directly, which would see the int8 values without their scales."""
+    matrix directly, which would see the int8 values without their scales. With shared
+    embeddings that layer is the encoder's embedding too, so the one matrix stays float in
+    both uses (and is stored once)."""
     decoder = model.decoder
     tied = decoder.embedding if getattr(decoder, "tie_embeddings", False) else None
     with warnings.catch_warnings():

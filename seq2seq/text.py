@@ -156,13 +156,19 @@ class Vocabulary(tf.Module):
         ``max_size`` counts the four reserved tokens. Tokens may be ``str`` or UTF-8
         ``bytes`` (as ``RaggedTensor.to_list()`` returns them).
         """
+        counts = collections.Counter()
+        for tokens in token_lists:
+            counts.update(_as_str(token) for token in tokens)
+        return cls.from_counts(counts, max_size, min_count)
+
+    @classmethod
+    def from_counts(cls, counts: dict, max_size: int | None = None, min_count: int = 1) -> "Vocabulary":
+        """`build` from token counts ({token: count}, e.g. a streaming count of a large corpus)."""
         if max_size is not None and max_size < len(RESERVED_TOKENS):
             raise ValueError(f"max_size must be at least {len(RESERVED_TOKENS)} (the reserved tokens), got {max_size}")
         if min_count < 1:
             raise ValueError(f"min_count must be at least 1, got {min_count}")
-        counts = collections.Counter()
-        for tokens in token_lists:
-            counts.update(_as_str(token) for token in tokens)
+        counts = dict(counts)
         for token in RESERVED_TOKENS:
             counts.pop(token, None)
         ranked = sorted((item for item in counts.items() if item[1] >= min_count), key=lambda item: (-item[1], item[0]))

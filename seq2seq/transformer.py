@@ -85,13 +85,32 @@ class PositionEmbedding(keras.layers.Layer):
         return {**super().get_config(), "dim": self.dim, "kind": self.kind, "max_length": self.max_length}
 
 
-def _check_sizes(units, num_heads, num_layers, dropout):
+def _check_sizes(units, num_heads, num_layers, **rates):
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     if num_heads < 1 or units % num_heads:
         raise ValueError(f"units ({units}) must be a positive multiple of num_heads ({num_heads})")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    for name, rate in rates.items():
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {rate}")
+
+
+def _dropout_rate(rate, dropout):
+    """An attention or activation dropout rate: left None, it is `dropout`."""
+    return dropout if rate is None else rate
+
+
+def _dropout_layers(dropout, attention_dropout, activation_dropout):
+    """The Dropout layers of a Transformer part: of the embeddings and sublayer outputs, of the
+    attention probabilities, and after the feed-forward ReLU. A rate equal to `dropout` reuses
+    its layer, so that such a model has the variables, and draws the masks, it had before the
+    three rates could differ (its checkpoints still load)."""
+    layer = Dropout(dropout)
+    return (
+        layer,
+        layer if attention_dropout == dropout else Dropout(attention_dropout),
+        layer if activation_dropout == dropout else Dropout(activation_dropout),
+    )
 
 
 def _norm(name):
@@ -191,6 +210,7 @@ class TransformerEncoder(keras.layers.Layer):
     padded positions change no output at real positions (they are masked as attention keys;
     the attention is `attend`, as in the decoder).
     final_states is [[(mean of memory over real positions,)]]: one layer, one direction.
+    Dropout rates as in `TransformerDecoder`.
     """
 
     def __init__(
@@ -203,10 +223,17 @@ class TransformerEncoder(keras.layers.Layer):
         positions="sinusoidal",
         max_length=512,
         vocab_size=None,
+        attention_dropout=None,
+        activation_dropout=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_sizes(units, num_heads, num_layers, dropout)
+        self.attention_dropout = _dropout_rate(attention_dropout, dropout)
+        self.activation_dropout = _dropout_rate(activation_dropout, dropout)
+        _check_sizes(
+            units, num_heads, num_layers, dropout=dropout, attention_dropout=self.attention_dropout,
+            activation_dropout=self.activation_dropout,
+        )
         self.units = units
         self.num_layers = num_layers
         self.num_heads = num_heads
@@ -232,7 +259,9 @@ class TransformerEncoder(keras.layers.Layer):
         ]
         self.ffn_outer = [Dense(units, name=f"layer{i}_ffn_outer") for i in range(num_layers)]
         self.final_norm = _norm("final_norm")
-        self.dropout_layer = Dropout(dropout)
+        self.dropout_layer, self.attention_dropout_layer, self.activation_dropout_layer = _dropout_layers(
+            dropout, self.attention_dropout, self.activation_dropout
+        )
 
     @property
     def model_dim(self):
@@ -280,9 +309,10 @@ class TransformerEncoder(keras.layers.Layer):
             h = self.attention_norms[i](x)
             attention = self.attentions[i]
             key, value = heads_first(attention.key_dense, h), heads_first(attention.value_dense, h)
-            h, _ = attend(attention, h, key, value, attention_mask, self.dropout_layer, training)
+            h, _ = attend(attention, h, key, value, attention_mask, self.attention_dropout_layer, training)
             x = x + self.dropout_layer(h, training=training)
-            h = self.ffn_outer[i](self.dropout_layer(self.ffn_inner[i](self.ffn_norms[i](x)), training=training))
+            h = self.ffn_inner[i](self.ffn_norms[i](x))
+            h = self.ffn_outer[i](self.activation_dropout_layer(h, training=training))
             x = x + self.dropout_layer(h, training=training)
         real = ops.cast(mask, x.dtype)[:, :, None]  # [batch, src_len, 1]
         memory = self.final_norm(x) * real
@@ -300,6 +330,8 @@ class TransformerEncoder(keras.layers.Layer):
             "num_heads": self.num_heads,
             "ffn_dim": self.ffn_dim,
             "dropout": self.dropout,
+            "attention_dropout": self.attention_dropout,
+            "activation_dropout": self.activation_dropout,
             "positions": self.positions,
             "max_length": self.max_length,
             "vocab_size": self.vocab_size,
@@ -314,7 +346,11 @@ class TransformerDecoder(keras.layers.Layer):
     docstring). The returned attention is the cross-attention of layer `alignment_layer`
     (a Python index, -1 = the last layer), averaged over heads: float32 [batch, src_len]
     per step, zero on masked memory positions. `tie_embeddings` reuses the (unscaled)
-    embedding matrix as the output projection (Press and Wolf, 2017). Logits are float32.
+    embedding matrix as the output projection (Press and Wolf, 2017); `share_embedding`
+    makes the source side's embedding this decoder's too. Logits are float32. Dropout:
+    `dropout` on the embeddings and sublayer outputs, `attention_dropout` on the attention
+    probabilities, `activation_dropout` after the feed-forward ReLU (None: `dropout`), all
+    in training only, so stepping and teacher forcing agree at inference.
 
     The attention sublayers are `keras.layers.MultiHeadAttention`, used for their
     projections (`query_dense`, `key_dense`, `value_dense`, `output_dense`) so that keys
@@ -333,10 +369,17 @@ class TransformerDecoder(keras.layers.Layer):
         max_length=512,
         tie_embeddings=False,
         alignment_layer=-1,
+        attention_dropout=None,
+        activation_dropout=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_sizes(units, num_heads, num_layers, dropout)
+        self.attention_dropout = _dropout_rate(attention_dropout, dropout)
+        self.activation_dropout = _dropout_rate(activation_dropout, dropout)
+        _check_sizes(
+            units, num_heads, num_layers, dropout=dropout, attention_dropout=self.attention_dropout,
+            activation_dropout=self.activation_dropout,
+        )
         if not -num_layers <= alignment_layer < num_layers:
             raise ValueError(f"alignment_layer must index one of the {num_layers} layers, got {alignment_layer}")
         self.vocab_size = vocab_size
@@ -363,7 +406,9 @@ class TransformerDecoder(keras.layers.Layer):
         self.final_norm = _norm("final_norm")
         if not tie_embeddings:
             self.output_layer = Dense(vocab_size, name="output_layer", float32_output=True)
-        self.dropout_layer = Dropout(dropout)
+        self.dropout_layer, self.attention_dropout_layer, self.activation_dropout_layer = _dropout_layers(
+            dropout, self.attention_dropout, self.activation_dropout
+        )
 
     @property
     def model_dim(self):
@@ -372,7 +417,8 @@ class TransformerDecoder(keras.layers.Layer):
     def build(self, memory_dim):
         """memory_dim: the size of the encoder memory vectors (any size: cross-attention projects it)."""
         d = self.units
-        self.embedding.build((None, None))
+        if not self.embedding.built:  # a shared embedding may be built by the encoder already
+            self.embedding.build((None, None))
         self.position_embedding.build()
         for i in range(self.num_layers):
             self.self_attention_norms[i].build((None, None, d))
@@ -389,6 +435,21 @@ class TransformerDecoder(keras.layers.Layer):
             )
         else:
             self.output_layer.build((None, None, d))
+
+    def share_embedding(self, embedding):
+        """Makes `embedding` (the source side's Embedding layer, e.g. a TransformerEncoder's) this
+        decoder's embedding: one variable for both sides and, with tie_embeddings, the output
+        projection (three-way tying, Press and Wolf, 2017). Call it before training or loading
+        weights: the decoder's own embedding (built or not: Keras builds a deserialized layer at
+        once) is dropped."""
+        shape = (getattr(embedding, "input_dim", None), getattr(embedding, "output_dim", None))
+        if not isinstance(embedding, keras.layers.Embedding) or shape != (self.vocab_size, self.units):
+            raise ValueError(
+                f"{self.name}: a shared embedding must be an Embedding of {self.vocab_size} tokens by {self.units} "
+                f"(the target vocabulary by units), got {type(embedding).__name__} {shape}"
+            )
+        self._tracker.replace_tracked_value("layers", self.embedding, embedding)
+        self.embedding = embedding
 
     def prepare_context(self, memory, memory_mask):
         """Memory, its mask and every layer's cross-attention keys and values
@@ -442,19 +503,21 @@ class TransformerDecoder(keras.layers.Layer):
             key = tf.concat([tf.cast(cache["key"], h.dtype), heads_first(self_attention.key_dense, h)], axis=2)
             value = tf.concat([tf.cast(cache["value"], h.dtype), heads_first(self_attention.value_dense, h)], axis=2)
             new_cache.append({"key": key, "value": value})
-            h, _ = attend(self_attention, h, key, value, causal, self.dropout_layer, training)
+            h, _ = attend(self_attention, h, key, value, causal, self.attention_dropout_layer, training)
             x = x + self.dropout_layer(h, training=training)
 
             cross = context["cross"][i]
             h = self.cross_attention_norms[i](x)
             h, weights = attend(
-                self.cross_attentions[i], h, cross["key"], cross["value"], memory_mask, self.dropout_layer, training
+                self.cross_attentions[i], h, cross["key"], cross["value"], memory_mask, self.attention_dropout_layer,
+                training,
             )
             if i == self.alignment_layer % self.num_layers:
                 alignment = ops.mean(weights, axis=1)  # [batch, time, src_len]
             x = x + self.dropout_layer(h, training=training)
 
-            h = self.ffn_outer[i](self.dropout_layer(self.ffn_inner[i](self.ffn_norms[i](x)), training=training))
+            h = self.ffn_inner[i](self.ffn_norms[i](x))
+            h = self.ffn_outer[i](self.activation_dropout_layer(h, training=training))
             x = x + self.dropout_layer(h, training=training)
         new_state = {"step": state["step"] + time, "cache": tuple(new_cache)}
         return self._logits(self.final_norm(x)), new_state, alignment
@@ -474,6 +537,8 @@ class TransformerDecoder(keras.layers.Layer):
             "num_heads": self.num_heads,
             "ffn_dim": self.ffn_dim,
             "dropout": self.dropout,
+            "attention_dropout": self.attention_dropout,
+            "activation_dropout": self.activation_dropout,
             "positions": self.positions,
             "max_length": self.max_length,
             "tie_embeddings": self.tie_embeddings,

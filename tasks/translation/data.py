@@ -9,17 +9,27 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 from seq2seq.text import DataError
 
 
 def read_lines(path) -> list[str]:
     """Lines of a UTF-8 text file, plain or gzip (``.gz`` suffix), without their line endings."""
+    return list(iter_lines(path))
+
+
+def iter_lines(path) -> Iterator[str]:
+    """The lines of `read_lines`, read lazily (flat memory however large the file). A missing
+    file is an error now, before the first line is asked for."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    return _lines(path)
+
+
+def _lines(path):
     opener = gzip.open if path.suffix == ".gz" else open
-    lines = []
     try:
         with opener(path, "rb") as file:
             for line_number, raw_line in enumerate(file, start=1):
@@ -33,39 +43,49 @@ def read_lines(path) -> list[str]:
                     line = line.removeprefix("\ufeff")
                 if line.endswith("\n"):
                     line = line[:-2] if line.endswith("\r\n") else line[:-1]
-                lines.append(line)
+                yield line
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise DataError(f"{path}: not a readable gzip file ({error})") from None
-    return lines
 
 
 def read_parallel(src_path, tgt_path) -> tuple[list[str], list[str]]:
     """Source and target lines of two line-aligned files; the line counts must match."""
     src_lines = read_lines(src_path)
     tgt_lines = read_lines(tgt_path)
-    if len(src_lines) != len(tgt_lines):
-        raise DataError(
-            f"parallel files differ in length: {src_path} has {len(src_lines)} lines, "
-            f"{tgt_path} has {len(tgt_lines)} lines"
-        )
+    check_line_counts(src_path, len(src_lines), tgt_path, len(tgt_lines))
     return src_lines, tgt_lines
+
+
+def check_line_counts(src_path, src_count, tgt_path, tgt_count):
+    if src_count != tgt_count:
+        raise DataError(
+            f"parallel files differ in length: {src_path} has {src_count} lines, {tgt_path} has {tgt_count} lines"
+        )
 
 
 def read_tsv(path, src_column: int = 0, tgt_column: int = 1) -> tuple[list[str], list[str]]:
     """Source and target columns of a tab-separated file."""
-    if src_column < 0 or tgt_column < 0:
-        raise ValueError(f"column numbers must be non-negative, got {src_column} and {tgt_column}")
-    needed_columns = max(src_column, tgt_column) + 1
-    src_lines, tgt_lines = [], []
-    for line_number, line in enumerate(read_lines(path), start=1):
-        fields = line.split("\t")
-        if len(fields) < needed_columns:
-            raise DataError(
-                f"{path}:{line_number}: expected at least {needed_columns} tab-separated columns, found {len(fields)}"
-            )
-        src_lines.append(fields[src_column])
-        tgt_lines.append(fields[tgt_column])
-    return src_lines, tgt_lines
+    return list(iter_tsv_column(path, src_column, tgt_column)), list(iter_tsv_column(path, tgt_column, src_column))
+
+
+def iter_tsv_column(path, column: int, other_column: int) -> Iterator[str]:
+    """One column of a tab-separated file, read lazily; every line must also hold `other_column`
+    (the other side of the pair), so that a short line is the same error on either side."""
+    if column < 0 or other_column < 0:
+        raise ValueError(f"column numbers must be non-negative, got {column} and {other_column}")
+    lines = iter_lines(path)
+    needed_columns = max(column, other_column) + 1
+
+    def fields():
+        for line_number, line in enumerate(lines, start=1):
+            fields = line.split("\t")
+            if len(fields) < needed_columns:
+                raise DataError(
+                    f"{path}:{line_number}: expected at least {needed_columns} tab-separated columns, found {len(fields)}"
+                )
+            yield fields[column]
+
+    return fields()
 
 
 def load_tfds(
@@ -81,6 +101,12 @@ def load_tfds(
     ``ted_hrlr_translate/pt_to_en`` yields Portuguese, English); with languages the
     features are read by language code (as in ``wmt14_translate/de-en``).
     """
+    pairs = list(iter_tfds_pairs(name, split, src_lang, tgt_lang, data_dir))
+    return [src for src, _ in pairs], [tgt for _, tgt in pairs]
+
+
+def iter_tfds_pairs(name, split, src_lang=None, tgt_lang=None, data_dir=None) -> Iterator[tuple[str, str]]:
+    """The (source, target) sentences of `load_tfds`, read lazily."""
     import tensorflow_datasets as tfds
 
     if (src_lang is None) != (tgt_lang is None):
@@ -96,8 +122,4 @@ def load_tfds(
                 f"TFDS dataset {name} has no feature {missing[0]!r}; its features are {sorted(dataset.element_spec)}"
             )
         pairs = ((example[src_lang], example[tgt_lang]) for example in tfds.as_numpy(dataset))
-    src_lines, tgt_lines = [], []
-    for src, tgt in pairs:
-        src_lines.append(src.decode("utf-8"))
-        tgt_lines.append(tgt.decode("utf-8"))
-    return src_lines, tgt_lines
+    return ((src.decode("utf-8"), tgt.decode("utf-8")) for src, tgt in pairs)
