@@ -31,7 +31,8 @@ from seq2seq.losses import MaskedCrossEntropy  # noqa: E402
 from seq2seq.optimizers import FusedAdam  # noqa: E402
 from seq2seq.training import set_precision  # noqa: E402
 from seq2seq.tasks.translation.config import TranslationConfig  # noqa: E402
-from seq2seq.tasks.translation.pipeline import TranslationRun, make_batches, read_pairs  # noqa: E402
+from seq2seq.corpus import Corpus  # noqa: E402
+from seq2seq.tasks.translation.pipeline import CORPUS_DIR, TranslationRun, corpus_training_batches  # noqa: E402
 from timing import op_table  # noqa: E402  (bench/timing.py)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +79,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(args.config, Path(tmp) / "run", args)
         set_precision(config.training.precision)
-        sources, targets = read_pairs(config, "train")
-        run = TranslationRun.create(config, sources, targets)
-        batches = make_batches(run, sources, targets, shuffle=True, report_name="train")
+        run = TranslationRun.create(config)
+        batches = corpus_training_batches(run, Corpus.open(run.run_dir / CORPUS_DIR))
         model = run.build_model()
         t = config.training
         model.compile(optimizer=FusedAdam(t.learning_rate, global_clipnorm=t.clip_norm or None),

@@ -31,7 +31,11 @@ from seq2seq.optimizers import FusedAdam  # noqa: E402
 from seq2seq.training import TrainingConfig  # noqa: E402
 from timing import StepTimer  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
 from seq2seq.tasks.translation.config import BatchConfig, DataConfig, ModelConfig, TokenizationConfig, TranslationConfig  # noqa: E402
-from seq2seq.tasks.translation.pipeline import TranslationRun, export, make_batches, read_pairs, translate_lines  # noqa: E402
+from seq2seq.corpus import Corpus  # noqa: E402
+from seq2seq.tasks.translation.pipeline import (  # noqa: E402
+    CORPUS_DIR, TranslationRun, corpus_training_batches, encode_training_data, export, make_batches, read_pairs,
+    translate_lines,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
@@ -54,15 +58,20 @@ def bench_training(args, workdir):
 
     set_precision(args.precision)
     if args.run_dir:
-        # The run's architecture, tokenization and batching, freshly initialised.
+        # The run's architecture, tokenization and batching, freshly initialised; its training
+        # data encoded into the work directory (the run directory is left as it is).
         run = TranslationRun.load(args.run_dir)
         run.config.batching.pad_to_multiple = args.pad_to_multiple
-        sources, targets = read_pairs(run.config, "train")
+        encode_training_data(workdir, run.config, run)
+        corpus_dir = workdir / CORPUS_DIR
     else:
         config = reference_config(workdir / "train", args.precision, args.jit, args.pad_to_multiple)
-        sources, targets = read_pairs(config, "train")
-        run = TranslationRun.create(config, sources, targets)
-    batches = make_batches(run, sources, targets, shuffle=True, report_name="train")
+        run = TranslationRun.create(config)
+        corpus_dir = run.run_dir / CORPUS_DIR
+    if args.in_memory:
+        batches = make_batches(run, *read_pairs(run.config, "train"), shuffle=True, report_name="train")
+    else:
+        batches = corpus_training_batches(run, Corpus.open(corpus_dir))
     model = run.build_model()
     model.compile(
         optimizer=FusedAdam(1e-3, global_clipnorm=5.0),
@@ -80,7 +89,8 @@ def bench_training(args, workdir):
     seconds = sum(timer.times[warmup:])
     tokens = sum(target_lengths[warmup:])
     print(f"parameters: {model.count_params():,}")
-    print(f"training ({args.precision}, jit={args.jit}): {tokens / seconds:,.0f} target tokens/s "
+    source = "in memory" if args.in_memory else "from the memory-mapped corpus"
+    print(f"training ({args.precision}, jit={args.jit}, batches {source}): {tokens / seconds:,.0f} target tokens/s "
           f"over {len(timer.times) - warmup} steps after {warmup} warm-up steps "
           f"({seconds / (len(timer.times) - warmup) * 1000:.0f} ms/step)")
     keras.config.set_dtype_policy("float32")
@@ -123,6 +133,8 @@ def main():
     parser.add_argument("--pad-to-multiple", type=int, default=1)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--in-memory", action="store_true",
+                        help="train on batches of the corpus encoded in memory, not the memory-mapped shards `train` uses")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-decoding", action="store_true")
     args = parser.parse_args()

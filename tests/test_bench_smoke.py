@@ -36,3 +36,30 @@ def test_time_to_bleu_stops_at_its_budget_and_scores_the_test_set(tmp_path, toy_
     # A budget is measured on a fresh run: an existing run directory is refused.
     again = Background(command, tmp_path / "again", timeout=300).result()
     assert again.returncode != 0 and "is not empty" in again.stderr.decode()
+
+
+def test_data_scale_bench_times_a_first_run_that_encodes_and_a_restart_that_reads_the_shards(tmp_path):
+    import gzip
+    import json
+
+    from conftest import toy_pairs, write_lines
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sources, targets = toy_pairs(60)
+    write_lines(data / "train.en", sources[:50])
+    write_lines(data / "train.de", targets[:50])
+    (data / "val.en.gz").write_bytes(gzip.compress("".join(s + "\n" for s in sources[50:]).encode()))
+    (data / "val.de.gz").write_bytes(gzip.compress("".join(t + "\n" for t in targets[50:]).encode()))
+    command = [sys.executable, PROJECT_ROOT / "bench" / "data_scale_bench.py", "--smoke", "--data-dir", data,
+               "--json", tmp_path / "report.json"]
+    result = Background(command, tmp_path / "out", timeout=300).result()
+    assert result.returncode == 0, user_stderr(result.stderr.decode())
+    report = json.loads((tmp_path / "report.json").read_text())
+    first, restart = report["first_run"], report["restart"]
+    assert not first["resumed"] and restart["resumed"]
+    assert first["encoding_seconds"] is not None and restart["encoding_seconds"] is None  # the restart reads the shards
+    assert 0 < first["model_seconds"] < first["first_step_seconds"] < first["wall_seconds"]
+    assert restart["peak_rss_mib"] > 100 and report["shards_bytes"] > 0
+    assert report["corpus"]["pairs"] == 200
+    assert "to first step" in result.stdout.decode()

@@ -74,9 +74,22 @@ class TokenizationConfig:
     sentencepiece_model_type: str = option(
         "unigram", "SentencePiece segmentation algorithm (sentencepiece scheme)", choices=SENTENCEPIECE_MODEL_TYPES
     )
+    sentencepiece_sample_size: int = option(
+        1_000_000, "sentences SentencePiece trains on, sampled at random from the training data (bounded memory; "
+        "sentencepiece scheme)", bounds="[1, inf)",
+    )
+    joint_vocabulary: bool = option(
+        False, "one vocabulary (one SentencePiece model) for both sides, built from source and target text together "
+        "(needs source_vocab_size == target_vocab_size; what model.share_embeddings needs)",
+    )
 
     def __post_init__(self):
         check_choices(self, "tokenization ")
+        if self.joint_vocabulary and self.source_vocab_size != self.target_vocab_size:
+            raise ValueError(
+                f"tokenization joint_vocabulary needs source_vocab_size == target_vocab_size, got "
+                f"{self.source_vocab_size} and {self.target_vocab_size}; give both the size of the joint vocabulary"
+            )
 
 
 @dataclasses.dataclass
@@ -124,6 +137,13 @@ class TranslationConfig(SectionedConfig):
         "batching": BatchConfig,
         "training": TrainingConfig,
     }
+
+    def __post_init__(self):
+        if self.model.share_embeddings and not self.tokenization.joint_vocabulary:
+            raise ValueError(
+                "model share_embeddings needs one vocabulary for both sides: add --joint-vocabulary "
+                "(tokenization joint_vocabulary), or drop share_embeddings"
+            )
 
 
 def section_fields(section):

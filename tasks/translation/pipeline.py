@@ -4,6 +4,8 @@ A run directory holds everything needed to continue or use a run:
   config.yaml                  the resolved configuration
   source.vocab, target.vocab   plain-text vocabularies, one token a line
   source.spm, target.spm       SentencePiece models (sentencepiece scheme only)
+  corpus/                      the training data encoded once (seq2seq.corpus), with copies of
+                               the vocabularies it was encoded with
   checkpoints/                 model + optimizer + step, for resuming and averaging
   best.weights.h5              weights with the best validation metric
   logs/                        TensorBoard logs
@@ -12,6 +14,10 @@ Under `training.distribution` (seq2seq.distribute) only the chief worker writes 
 directory; the other workers read it, so it must be on storage every worker sees.
 """
 
+import dataclasses
+import itertools
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +28,10 @@ from seq2seq import distribute
 from seq2seq.batching import filter_by_length, plan_batches
 from seq2seq.cli import log
 from seq2seq.config import RUN_CONFIG
+from seq2seq.corpus import SIDES, Corpus, CorpusWriter, TokenCounter, corpus_batches, file_fingerprint, file_sha256, read_manifest
 from seq2seq.factory import build_model
 from seq2seq.run import load_trained_weights, open_run, restore_exported_weights, save_export, train_under_precision
-from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
+from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all
 from seq2seq.training import Trainer, ValidationScore, sequence_batches
 from seq2seq.tasks.translation import data
 from seq2seq.tasks.translation.config import TranslationConfig
@@ -54,6 +61,142 @@ def read_pairs(config, split):
     return [], []
 
 
+CORPUS_DIR = "corpus"  # the encoded training data in a run directory (seq2seq.corpus)
+
+
+def training_data(config):
+    """(inputs, lines) of the training data: `inputs` identifies it for a corpus manifest
+    (file fingerprints, or the TFDS data set); lines[side]() reads that side's sentences
+    lazily, afresh each call."""
+    d = config.data
+    if d.train_tsv:
+        inputs = {"tsv": file_fingerprint(d.train_tsv)}
+        lines = {
+            "source": lambda: data.iter_tsv_column(d.train_tsv, 0, 1),
+            "target": lambda: data.iter_tsv_column(d.train_tsv, 1, 0),
+        }
+    elif d.tfds_name:
+        inputs = {"tfds": {"name": d.tfds_name, "split": d.tfds_train_split, "data_dir": d.tfds_data_dir,
+                           "source_lang": d.source_lang, "target_lang": d.target_lang}}
+
+        def side_of(index):
+            pairs = data.iter_tfds_pairs(d.tfds_name, d.tfds_train_split, d.source_lang, d.target_lang, d.tfds_data_dir)
+            return (pair[index] for pair in pairs)
+
+        lines = {"source": lambda: side_of(0), "target": lambda: side_of(1)}
+    else:
+        inputs = {"source": file_fingerprint(d.train_source), "target": file_fingerprint(d.train_target)}
+        lines = {"source": lambda: data.iter_lines(d.train_source), "target": lambda: data.iter_lines(d.train_target)}
+    return inputs, lines
+
+
+def _same_inputs(manifest, inputs):
+    """Whether a corpus manifest was encoded from `inputs`: the same fingerprints (wherever
+    the files are now) or the same TFDS data set."""
+
+    def content(value):
+        if isinstance(value, dict):
+            return {key: content(item) for key, item in value.items() if key != "path"}
+        return value
+
+    return content(manifest.get("inputs")) == content(inputs)
+
+
+def tokenization_settings(config):
+    """What decides a corpus's tokens besides the data: the tokenization section."""
+    return dataclasses.asdict(config.tokenization)
+
+
+def encode_training_data(run_dir, config, run=None):
+    """Encodes the training data into run_dir/corpus/ (seq2seq.corpus): with `run`, with its
+    tokenizers and vocabularies (a resumed run whose data changed); else with new ones, built
+    on the way (SentencePiece from a sample of the data, word vocabularies from streaming
+    counts) and saved in corpus/ too. Returns the TranslationRun. An encoding that fails or
+    is stopped leaves no corpus/ behind."""
+    corpus_dir = Path(run_dir) / CORPUS_DIR
+    try:
+        return _encode_training_data(run_dir, corpus_dir, config, run)
+    except BaseException:
+        shutil.rmtree(corpus_dir, ignore_errors=True)
+        raise
+
+
+def _encode_training_data(run_dir, corpus_dir, config, run):
+    t = config.tokenization
+    _, lines = training_data(config)
+    started = time.monotonic()
+    writer = CorpusWriter(corpus_dir)
+    vocabs = None
+    if run is not None:
+        tokenizers, vocabs = [run.source_tokenizer, run.target_tokenizer], [run.source_vocab, run.target_vocab]
+    elif t.scheme == "sentencepiece":
+        sides = [("joint", lambda: itertools.chain(lines["source"](), lines["target"]()), t.source_vocab_size)] \
+            if t.joint_vocabulary else [("source", lines["source"], t.source_vocab_size),
+                                        ("target", lines["target"], t.target_vocab_size)]
+        models = []
+        for side, texts, size in sides:
+            log(f"training the {side} SentencePiece model on up to {t.sentencepiece_sample_size:,} sampled sentences")
+            models.append(train_sentencepiece(
+                texts(), size, model_type=t.sentencepiece_model_type, sample_size=t.sentencepiece_sample_size
+            ))
+        models = models * (3 - len(models))
+        tokenizers = [SentencePieceTokenizer(model) for model in models[:2]]
+        vocabs = [sentencepiece_vocabulary(model) for model in models[:2]]
+        for side, model in zip(SIDES, models):
+            (corpus_dir / f"{side}.spm").write_bytes(model)
+    else:
+        tokenizers = [WordTokenizer(lowercase=t.lowercase), WordTokenizer(lowercase=t.lowercase)]
+    counters = [TokenCounter()] * 2 if t.joint_vocabulary else [TokenCounter(), TokenCounter()]
+    counts = []
+    for side, tokenizer, counter in zip(SIDES, tokenizers, counters):
+        counts.append(writer.encode(side, lines[side](), tokenizer, counter))
+    names = [config.data.train_source or "source side", config.data.train_target or "target side"]
+    data.check_line_counts(names[0], counts[0], names[1], counts[1])
+    if vocabs is None:
+        sizes = (t.source_vocab_size, t.target_vocab_size)
+        if t.joint_vocabulary:
+            vocabs = [Vocabulary.from_counts(counters[0].counts(), sizes[0], t.min_count)] * 2
+        else:
+            vocabs = [Vocabulary.from_counts(c.counts(), size, t.min_count) for c, size in zip(counters, sizes)]
+    for side, vocab in zip(SIDES, vocabs):
+        vocab.save(corpus_dir / f"{side}.vocab")
+    manifest = {
+        "inputs": training_data(config)[0],
+        "tokenization": tokenization_settings(config),
+        "vocabularies": vocabulary_hashes(corpus_dir),
+    }
+    corpus = writer.finish(dict(zip(SIDES, vocabs)), manifest)
+    sides = corpus.manifest["sides"]
+    log(
+        f"encoded {len(corpus):,} pairs ({sides['source']['tokens']:,} source, {sides['target']['tokens']:,} target "
+        f"tokens; {corpus.size_on_disk() / 2**20:,.1f} MiB in {corpus_dir}) in {time.monotonic() - started:.0f} s"
+    )
+    return run or TranslationRun(run_dir, config, *tokenizers, *vocabs)
+
+
+def vocabulary_hashes(directory):
+    """{file name: SHA-256} of the vocabularies and SentencePiece models in `directory`."""
+    return {name: file_sha256(directory / name) for name in TranslationRun.FILES if (directory / name).is_file()}
+
+
+def prepare_corpus(run):
+    """Makes sure a resumed run's corpus/ holds its training data: encoded again, with the
+    run's vocabularies, when the data changed since, or its encoding never finished."""
+    corpus_dir = run.run_dir / CORPUS_DIR
+    manifest = read_manifest(corpus_dir)
+    inputs, _ = training_data(run.config)
+    if manifest is None:
+        reason = "holds no finished corpus"
+    elif not _same_inputs(manifest, inputs):
+        reason = "was encoded from training data that changed since"
+    elif manifest["vocabularies"] != vocabulary_hashes(run.run_dir):
+        reason = "was encoded with other vocabularies than the run's"
+    else:
+        return
+    log(f"{corpus_dir} {reason}: encoding the training data again, with the run's vocabularies")
+    encode_training_data(run.run_dir, run.config, run)
+
+
 class TranslationRun:
     """A run directory with its config, tokenizers and vocabularies."""
 
@@ -68,32 +211,25 @@ class TranslationRun:
         self.target_vocab = target_vocab
 
     @classmethod
-    def create(cls, config, train_sources, train_targets):
-        """Trains tokenizers and builds vocabularies from the training data, and saves them."""
+    def create(cls, config):
+        """A new run: tokenizers and vocabularies from the training data, which is encoded
+        into the run's corpus/ on the way (`encode_training_data`), or the ones of a corpus/
+        an earlier start of the run finished encoding from the same data and settings."""
         run_dir = Path(config.training.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        t = config.tokenization
-        if t.scheme == "sentencepiece":
-            log("training SentencePiece models")
-            tokenizers, vocabs = [], []
-            for side, texts, size in (
-                ("source", train_sources, t.source_vocab_size),
-                ("target", train_targets, t.target_vocab_size),
-            ):
-                model_bytes = train_sentencepiece(texts, size, model_type=t.sentencepiece_model_type)
-                (run_dir / f"{side}.spm").write_bytes(model_bytes)
-                tokenizers.append(SentencePieceTokenizer(model_bytes))
-                vocabs.append(sentencepiece_vocabulary(model_bytes))
+        corpus_dir = run_dir / CORPUS_DIR
+        inputs, _ = training_data(config)
+        manifest = read_manifest(corpus_dir)
+        if manifest and _same_inputs(manifest, inputs) and manifest["tokenization"] == tokenization_settings(config):
+            log(f"{corpus_dir}: encoded from the same training data and settings by an earlier start: using it")
+            run = cls.from_files(run_dir, corpus_dir, config)
         else:
-            tokenizers = [WordTokenizer(lowercase=t.lowercase), WordTokenizer(lowercase=t.lowercase)]
-            vocabs = [
-                Vocabulary.build(tokenize_all(tokenizers[0], train_sources), t.source_vocab_size, t.min_count),
-                Vocabulary.build(tokenize_all(tokenizers[1], train_targets), t.target_vocab_size, t.min_count),
-            ]
-        vocabs[0].save(run_dir / "source.vocab")
-        vocabs[1].save(run_dir / "target.vocab")
+            run = encode_training_data(run_dir, config)
+        for name in cls.FILES:
+            if (corpus_dir / name).is_file():
+                shutil.copyfile(corpus_dir / name, run_dir / name)
         config.save(run_dir / RUN_CONFIG)
-        return cls(run_dir, config, *tokenizers, *vocabs)
+        return run
 
     @classmethod
     def load(cls, run_dir):
@@ -131,24 +267,46 @@ class TranslationRun:
 
 
 def make_batches(run, sources, targets, shuffle, report_name):
-    """PlannedBatches over the encoded pairs, after dropping over-long and empty pairs (reported)."""
-    d, b = run.config.data, run.config.batching
+    """PlannedBatches over the pairs of the strings `sources` and `targets` encoded in memory
+    (validation data), after dropping over-long and empty pairs (reported)."""
     source_ids = encode_all(run.source_tokenizer, run.source_vocab, sources)
     target_ids = encode_all(run.target_tokenizer, run.target_vocab, targets)
     source_lengths = source_ids.row_lengths().numpy()
     target_lengths = target_ids.row_lengths().numpy()
+    kept = kept_pairs(run.config, source_lengths, target_lengths, report_name)
+    plan = batch_plan(run.config, np.maximum(source_lengths[kept], target_lengths[kept] + 1), shuffle)
+    return sequence_batches(
+        tf.gather(source_ids, kept), tf.gather(target_ids, kept), plan, pad_to_multiple=run.config.batching.pad_to_multiple
+    )
+
+
+def corpus_training_batches(run, corpus, report_name="train"):
+    """PlannedBatches over the pairs of the run's encoded corpus (memory-mapped), after
+    dropping over-long and empty pairs (reported): the same batches `make_batches` makes
+    of the same pairs."""
+    source_lengths, target_lengths = corpus.lengths("source"), corpus.lengths("target")
+    kept = kept_pairs(run.config, source_lengths, target_lengths, report_name)
+    plan = batch_plan(run.config, np.maximum(source_lengths[kept], target_lengths[kept] + 1), shuffle=True)
+    return corpus_batches(corpus, kept, plan, pad_to_multiple=run.config.batching.pad_to_multiple)
+
+
+def kept_pairs(config, source_lengths, target_lengths, report_name):
+    """Indices of the pairs within the length limits and not empty; the dropped ones are logged."""
+    d = config.data
     kept, dropped = filter_by_length(source_lengths, target_lengths, d.max_source_length, d.max_target_length)
     if dropped:
         log(
-            f"{report_name}: dropped {dropped} of {len(sources)} pairs that are empty or longer than "
+            f"{report_name}: dropped {dropped} of {len(source_lengths)} pairs that are empty or longer than "
             f"{d.max_source_length} source / {d.max_target_length} target tokens"
         )
     if not len(kept):
         raise DataError(f"{report_name}: no sentence pairs left to train on")
-    source_ids = tf.gather(source_ids, kept)
-    target_ids = tf.gather(target_ids, kept)
-    lengths = np.maximum(source_lengths[kept], target_lengths[kept] + 1)
-    seed = run.config.training.seed
+    return kept
+
+
+def batch_plan(config, lengths, shuffle):
+    """plan(epoch): the run's deterministic batches over pairs of these lengths."""
+    b, seed = config.batching, config.training.seed
 
     def plan(epoch):
         return plan_batches(
@@ -156,7 +314,7 @@ def make_batches(run, sources, targets, shuffle, report_name):
             shuffle=shuffle, bucket_width=b.bucket_width,
         )
 
-    return sequence_batches(source_ids, target_ids, plan, pad_to_multiple=b.pad_to_multiple)
+    return plan
 
 
 def validation_bleu_callback(translator, sources, references, batch_size=128):
@@ -178,20 +336,18 @@ def train(config, validation_bleu=True, callbacks=()):
 
 def _train(config, precision_note, validation_bleu, callbacks):
     strategy = distribute.make_strategy(config.training.distribution)
-    read = {}  # the training pairs, when creating the run read them already
 
     def create():
-        read["train"] = read_pairs(config, "train")
-        return TranslationRun.create(config, *read["train"])
+        return TranslationRun.create(config)
 
-    with open_run(config, strategy, TranslationRun.load, create, files=TranslationRun.FILES) as run:
-        train_sources, train_targets = read["train"] if "train" in read else read_pairs(run.config, "train")
+    with open_run(config, strategy, TranslationRun.load, create, prepare=prepare_corpus, files=TranslationRun.FILES) as run:
+        corpus = Corpus.open(run.run_dir / CORPUS_DIR)
         valid_sources, valid_targets = read_pairs(run.config, "valid")
         log(
-            f"train: {len(train_sources)} pairs; valid: {len(valid_sources)} pairs; "
+            f"train: {len(corpus)} pairs; valid: {len(valid_sources)} pairs; "
             f"vocabularies: {len(run.source_vocab)} source, {len(run.target_vocab)} target tokens"
         )
-        batches = make_batches(run, train_sources, train_targets, shuffle=True, report_name="train")
+        batches = corpus_training_batches(run, corpus)
         validation = None
         callbacks = list(callbacks)
         if valid_sources:

@@ -6,6 +6,7 @@ word-boundary mark becomes a space.
 """
 
 import io
+import itertools
 from pathlib import Path
 
 import tensorflow as tf
@@ -15,24 +16,38 @@ from seq2seq.text import RESERVED_TOKENS, DataError, Vocabulary
 WORD_BOUNDARY = "\u2581"
 
 
-def train_sentencepiece(texts, vocab_size, model_type="unigram", character_coverage=1.0, seed_sentences=2_000_000):
-    """Trains a SentencePiece model on `texts` and returns its serialized bytes."""
+def train_sentencepiece(texts, vocab_size, model_type="unigram", character_coverage=1.0, sample_size=1_000_000):
+    """Trains a SentencePiece model on the strings `texts` yields and returns its serialized
+    bytes. SentencePiece keeps a uniform random sample of `sample_size` of the non-blank texts
+    (reservoir sampling), so memory stays bounded however many there are."""
     import sentencepiece
 
-    if not texts:
+    texts = iter(t for t in texts if t.strip())
+    first = next(texts, None)
+    if first is None:
         raise DataError("cannot train a SentencePiece model on no text")
+    failures = []
+
+    def sentences():
+        try:
+            yield from itertools.chain([first], texts)
+        except DataError as error:  # raised below as it is, not as SentencePiece's RuntimeError
+            failures.append(error)
+
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(t for t in texts if t.strip()),
+        sentence_iterator=sentences(),
         model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=character_coverage,
-        input_sentence_size=seed_sentences,
+        input_sentence_size=sample_size,
         shuffle_input_sentence=True,
         hard_vocab_limit=False,
         minloglevel=2,
     )
+    if failures:
+        raise failures[0]
     return model.getvalue()
 
 
