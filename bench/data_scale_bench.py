@@ -11,7 +11,8 @@ measures
   - to model: from process start to the log line "model: ..." (written once the data are
     prepared and the model is built, just before training starts);
   - to first step: from process start to the first "checkpoint N/M, step S" line: the runs
-    checkpoint every step, so this is the first step trained (traced, run and saved);
+    checkpoint every step and have no validation data, so this is the first step trained
+    (traced, run and saved);
   - peak RSS: the kernel's high-water mark of the train process (os.wait4's ru_maxrss, as
     /usr/bin/time -f %M reports it), its own memory only;
   - tree RSS: the largest sum of RSS over the process and its children, sampled every 0.2 s
@@ -162,7 +163,6 @@ def train_command(args, files, run_dir, max_steps):
     return [str(part) for part in (
         args.python, "-m", "seq2seq.translate", "train",
         "--train-source", files["train_source"], "--train-target", files["train_target"],
-        "--valid-source", files["valid_source"], "--valid-target", files["valid_target"], "--no-validation-bleu",
         "--scheme", args.scheme, "--source-vocab-size", args.vocab_size, "--target-vocab-size", args.vocab_size,
         "--units", args.units, "--batch-size", args.batch_size,
         "--max-steps", max_steps, "--steps-per-checkpoint", 1,
@@ -223,10 +223,6 @@ def benchmark(args, workdir):
         corpus_dir = Path(args.corpus_dir)
     files = {"train_source": find_corpus_file(corpus_dir, args.source_lang),
              "train_target": find_corpus_file(corpus_dir, args.target_lang)}
-    for key, lang in (("valid_source", args.source_lang), ("valid_target", args.target_lang)):
-        files[key] = data_dir / f"val.{lang}.gz"
-        if not files[key].is_file():
-            raise BenchError(f"no validation file {files[key]} (see --data-dir)")
     run_dir = Path(args.run_dir) if args.run_dir else Path(workdir) / "run"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise BenchError(f"{run_dir} is not empty: the first run is measured on a fresh run directory")
@@ -266,8 +262,8 @@ def parse_args(argv):
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the CLI (default: this one)")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--data-dir", default=str(DATA),
-                        help="Multi30k directory: validation files val.SRC.gz/val.TGT.gz and, with --smoke, the "
-                             "pairs the tiny corpus joins (default: %(default)s)")
+                        help="with --smoke, the directory of the pairs the tiny corpus joins, train.SRC(.gz) and "
+                             "train.TGT(.gz) (default: %(default)s)")
     parser.add_argument("--source-lang", default="en", help="source language of the file names (default: %(default)s)")
     parser.add_argument("--target-lang", default="de", help="target language of the file names (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",

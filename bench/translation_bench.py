@@ -89,7 +89,7 @@ def bench_training(args, workdir):
     seconds = sum(timer.times[warmup:])
     tokens = sum(target_lengths[warmup:])
     print(f"parameters: {model.count_params():,}")
-    source = "in memory" if args.in_memory else "from the memory-mapped corpus"
+    source = "in memory" if args.in_memory else "from the encoded corpus on disk"
     print(f"training ({args.precision}, jit={args.jit}, batches {source}): {tokens / seconds:,.0f} target tokens/s "
           f"over {len(timer.times) - warmup} steps after {warmup} warm-up steps "
           f"({seconds / (len(timer.times) - warmup) * 1000:.0f} ms/step)")
@@ -134,7 +134,7 @@ def main():
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--in-memory", action="store_true",
-                        help="train on batches of the corpus encoded in memory, not the memory-mapped shards `train` uses")
+                        help="train on batches of the corpus encoded in memory, not the shards on disk `train` uses")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-decoding", action="store_true")
     args = parser.parse_args()

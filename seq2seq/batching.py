@@ -143,4 +143,4 @@ def _as_lengths(values, name: str) -> np.ndarray:
         raise ValueError(f"{name} must hold integers, got dtype {lengths.dtype}")
     if lengths.size and lengths.min() < 0:
         raise ValueError(f"{name} must be non-negative, got {lengths.min()}")
-    return lengths.astype(np.int64)
+    return lengths if lengths.size else lengths.astype(np.int64)  # integers as they are: no copy of large arrays

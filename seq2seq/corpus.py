@@ -1,8 +1,9 @@
-"""Training corpora encoded once into memory-mapped shards, so that a run trains on corpora
-larger than memory and a restart skips the reading and tokenizing.
+"""Training corpora encoded once into shards on disk, so that a run trains on corpora larger
+than memory (batches read their rows from the shards) and a restart skips the reading and
+tokenizing.
 
 A corpus directory holds, for each side ("source", "target"):
-  <side>.ids       every sentence's token ids, one flat array (uint16 when the vocabulary
+  <side>.ids       every sentence's token ids, one flat array on disk (uint16 when the vocabulary
                    fits, else int32), sentence after sentence, without <s> or </s>
   <side>.offsets   int64 [sentences + 1]: sentence i is ids[offsets[i]:offsets[i + 1]]
 and manifest.json, written last: a directory without it is an unfinished encoding. The
@@ -34,7 +35,7 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 SIDES = ("source", "target")
 ENCODE_CHUNK = 4096  # lines tokenized per in-graph call
-REMAP_BLOCK = 1 << 24  # provisional ids mapped to vocabulary ids per block
+REMAP_BLOCK = 1 << 22  # ids (or offsets) read and written per block
 PROGRESS_SECONDS = 30  # how often encoding logs its progress
 FINGERPRINT_BLOCKS = 16  # blocks of a file hashed for its fingerprint
 FINGERPRINT_BLOCK_SIZE = 1 << 16
@@ -135,25 +136,26 @@ class CorpusWriter:
         def split(texts):
             tokens = tokenizer.tokenize(texts)  # [chunk, None]
             unique, index, count = tf.unique_with_counts(tokens.flat_values, out_idx=tf.int32)
-            return unique, index, count, tokens.row_lengths()
+            return unique, index, count, tf.cast(tokens.row_lengths(), tf.int32)
 
         dataset = dataset.map(split, num_parallel_calls=os.cpu_count() or 1, deterministic=True).prefetch(2)
         work_path = self.directory / f"{side}.provisional"
-        lengths, sentences = [], 0
+        lengths, sentences = np.zeros([1 << 16], np.int32), 0  # one growing array: no heap of small ones
         started = next_report = time.monotonic()
         with open(work_path, "wb") as out:
             for unique, index, count, row_lengths in dataset.as_numpy_iterator():
                 out.write(counter.add(unique, count)[index].tobytes())
-                lengths.append(row_lengths)
+                if sentences + len(row_lengths) > len(lengths):
+                    lengths = np.concatenate([lengths, np.zeros_like(lengths)])
+                lengths[sentences : sentences + len(row_lengths)] = row_lengths
                 sentences += len(row_lengths)
                 if time.monotonic() - next_report >= PROGRESS_SECONDS:
                     next_report = time.monotonic()
                     log(f"encoding the training {side} sentences: {sentences:,} in {next_report - started:.0f} s")
         if failures:
             raise failures[0]
-        lengths = np.concatenate(lengths) if lengths else np.zeros([0], np.int64)
-        self._sides[side] = (counter, lengths)
-        return len(lengths)
+        self._sides[side] = (counter, lengths[:sentences].copy())
+        return sentences
 
     def finish(self, vocabularies, manifest):
         """Writes each side's ids as vocabulary ids of `vocabularies[side]`, then the manifest
@@ -164,11 +166,9 @@ class CorpusWriter:
             dtype = np.uint16 if len(vocabulary) <= np.iinfo(np.uint16).max + 1 else np.int32
             mapping = counter.id_mapping(vocabulary).astype(dtype)
             work_path = self.directory / f"{side}.provisional"
-            provisional = np.memmap(work_path, np.int32, "r") if work_path.stat().st_size else np.zeros([0], np.int32)
-            with open(self.directory / f"{side}.ids", "wb") as out:
-                for start in range(0, len(provisional), REMAP_BLOCK):
-                    out.write(mapping[provisional[start : start + REMAP_BLOCK]].tobytes())
-            del provisional
+            with open(work_path, "rb") as provisional, open(self.directory / f"{side}.ids", "wb") as out:
+                while len(block := np.fromfile(provisional, np.int32, REMAP_BLOCK)):
+                    out.write(mapping[block].tobytes())
             work_path.unlink()
             offsets = np.zeros([len(lengths) + 1], np.int64)
             np.cumsum(lengths, out=offsets[1:])
@@ -193,13 +193,21 @@ def _chunks(lines, size):
 
 
 class Corpus:
-    """The memory-mapped sides of a finished corpus directory."""
+    """The sides of a finished corpus directory, read row by row (`sentence`).
 
-    def __init__(self, directory, manifest, ids, offsets):
+    Rows are read with positioned reads (os.pread), not through a memory map: on Linux a
+    mapped file's pages (whole page-cache folios, far more than the row) stay counted in the
+    process's RSS once touched, so a memory map of 10M pairs grew the RSS by 500 MB in 3,200
+    random rows; reads leave the RSS at the lengths arrays whatever the corpus size."""
+
+    def __init__(self, directory, manifest):
         self.directory = Path(directory)
         self.manifest = manifest
-        self.ids = ids
-        self.offsets = offsets
+        self.dtypes = {side: np.dtype(entry["dtype"]) for side, entry in manifest["sides"].items()}
+        self._files = {}
+        for side in self.dtypes:
+            self._files[side] = (open(self.directory / f"{side}.ids", "rb"), open(self.directory / f"{side}.offsets", "rb"))
+        self._lengths = {}
 
     @classmethod
     def open(cls, directory):
@@ -207,65 +215,67 @@ class Corpus:
         manifest = read_manifest(directory)
         if manifest is None:
             raise FileNotFoundError(f"{directory}: no finished corpus (no {MANIFEST})")
-        ids, offsets = {}, {}
-        for side, entry in manifest["sides"].items():
-            offsets[side] = np.fromfile(directory / f"{side}.offsets", np.int64)
-            path = directory / f"{side}.ids"
-            size = path.stat().st_size
-            ids[side] = np.memmap(path, entry["dtype"], "r") if size else np.zeros([0], entry["dtype"])
-        return cls(directory, manifest, ids, offsets)
+        return cls(directory, manifest)
 
     def __len__(self):
-        return len(self.offsets["source"]) - 1
+        return self.manifest["sides"]["source"]["sentences"]
 
     def lengths(self, side):
-        """int64 [sentences]: each sentence's tokens."""
-        return np.diff(self.offsets[side])
+        """int32 [sentences]: each sentence's tokens (read from the offsets in blocks)."""
+        if side not in self._lengths:
+            lengths, previous = [], np.zeros([1], np.int64)
+            with open(self.directory / f"{side}.offsets", "rb") as file:
+                while len(block := np.fromfile(file, np.int64, REMAP_BLOCK)):
+                    lengths.append(np.diff(np.concatenate([previous, block])).astype(np.int32))
+                    previous = block[-1:]
+            self._lengths[side] = np.concatenate(lengths)[1:] if lengths else np.zeros([0], np.int32)
+        return self._lengths[side]
 
     def sentence(self, side, index):
-        """The token ids of sentence `index` (int32)."""
-        return np.asarray(self.ids[side][self.offsets[side][index] : self.offsets[side][index + 1]], np.int32)
+        """The token ids of sentence `index` (int32 [length])."""
+        ids, offsets = self._files[side]
+        start, end = np.frombuffer(os.pread(offsets.fileno(), 16, 8 * int(index)), np.int64)
+        itemsize = self.dtypes[side].itemsize
+        return np.frombuffer(os.pread(ids.fileno(), int(end - start) * itemsize, int(start) * itemsize),
+                             self.dtypes[side]).astype(np.int32)
 
     def size_on_disk(self):
         return sum(path.stat().st_size for path in self.directory.iterdir() if path.is_file())
 
 
-def padded_rows(ids, offsets, rows, lead=None, trail=None, pad_to_multiple=1):
-    """int32 [len(rows), T]: the sentences `rows` of one side, optionally after a `lead` id and
+def padded_rows(sentences, lead=None, trail=None, pad_to_multiple=1):
+    """int32 [len(sentences), T]: the id arrays `sentences`, optionally after a `lead` id and
     before a `trail` id, padded with 0 to the longest (T a multiple of `pad_to_multiple`)."""
-    starts = offsets[rows]
-    lengths = offsets[rows + 1] - starts
-    longest = int(lengths.max()) if len(rows) else 0
     first = 0 if lead is None else 1
+    longest = max((len(sentence) for sentence in sentences), default=0)
     width = longest + first + (0 if trail is None else 1)
     width += (-width) % pad_to_multiple
-    out = np.zeros([len(rows), width], np.int32)
-    positions = np.arange(longest)
-    inside = positions[None, :] < lengths[:, None]  # [B, longest]
-    out[:, first : first + longest][inside] = ids[(starts[:, None] + positions[None, :])[inside]]
+    out = np.zeros([len(sentences), width], np.int32)
+    for row, sentence in enumerate(sentences):
+        out[row, first : first + len(sentence)] = sentence
+        if trail is not None:
+            out[row, first + len(sentence)] = trail
     if lead is not None:
         out[:, 0] = lead
-    if trail is not None:
-        out[np.arange(len(rows)), lengths + first] = trail
     return out
 
 
 def corpus_batches(corpus, kept, plan_fn, pad_to_multiple=1):
     """PlannedBatches for teacher forcing over the corpus pairs `kept` (indices into the
-    corpus; the plan indexes into `kept`), gathered from the memory-mapped shards:
-    ({"source", "target_in": <s> y}, target_out: y </s>), as `sequence_batches` makes."""
+    corpus; the plan indexes into `kept`), read from the shards: ({"source", "target_in":
+    <s> y}, target_out: y </s>), as `sequence_batches` makes."""
     from seq2seq.training import PlannedBatches
 
-    kept = np.asarray(kept, np.int64)
-    source_ids, source_offsets = corpus.ids["source"], corpus.offsets["source"]
-    target_ids, target_offsets = corpus.ids["target"], corpus.offsets["target"]
+    kept = np.asarray(kept, np.int32 if len(corpus) < 2**31 else np.int64)
 
     def gather(indices):
         rows = kept[indices]
+        sources = [corpus.sentence("source", row) for row in rows]
+        targets = [corpus.sentence("target", row) for row in rows]
         return (
-            padded_rows(source_ids, source_offsets, rows, pad_to_multiple=pad_to_multiple),
-            padded_rows(target_ids, target_offsets, rows, lead=BOS_ID, pad_to_multiple=pad_to_multiple),
-            padded_rows(target_ids, target_offsets, rows, trail=EOS_ID, pad_to_multiple=pad_to_multiple),
+            padded_rows(sources, pad_to_multiple=pad_to_multiple),
+            padded_rows(targets, lead=BOS_ID, pad_to_multiple=pad_to_multiple),
+            padded_rows(targets, trail=EOS_ID, pad_to_multiple=pad_to_multiple),
         )
 
     def make_batch(indices):

@@ -120,7 +120,9 @@ class PlannedBatches:
     def __init__(self, plan_fn, make_batch, target_lengths=None):
         self.plan_fn = plan_fn
         self.make_batch = make_batch
-        self.target_lengths = None if target_lengths is None else np.asarray(target_lengths, dtype=np.int64)
+        self.target_lengths = None if target_lengths is None else np.asarray(target_lengths)
+        if self.target_lengths is not None and not np.issubdtype(self.target_lengths.dtype, np.integer):
+            self.target_lengths = self.target_lengths.astype(np.int64)
         self._plans = {}
         self._epoch_lengths = {}
         self._token_counts = {}

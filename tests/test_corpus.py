@@ -1,4 +1,4 @@
-"""Training data encoded once into memory-mapped shards (seq2seq.corpus) and how translation
+"""Training data encoded once into shards on disk (seq2seq.corpus) and how translation
 runs use them: the shards hold exactly the in-memory encoding, batches from them equal the
 in-memory batches, a changed or half-written corpus is encoded again, a resumed run trains on
 exactly the batches of an uninterrupted one, and preparing memory does not grow with the corpus.
@@ -69,7 +69,7 @@ def test_shards_hold_the_in_memory_encoding_and_the_vocabularies_of_the_whole_co
                                           ("target", targets, run.target_tokenizer, run.target_vocab)):
         expected = encode_all(tokenizer, vocab, texts).to_list()
         assert [corpus.sentence(side, i).tolist() for i in range(len(corpus))] == expected
-        assert corpus.ids[side].dtype == np.uint16
+        assert corpus.dtypes[side] == np.uint16
         assert (run.run_dir / f"{side}.vocab").read_bytes() == (corpus.directory / f"{side}.vocab").read_bytes()
     assert len(corpus) == 200 and corpus.manifest["sides"]["target"]["sentences"] == 200
 
@@ -91,13 +91,20 @@ def test_batches_from_shards_equal_the_in_memory_batches(tmp_path, batching):
 
 
 def test_padded_rows_puts_start_and_end_tokens_and_pads_to_a_multiple():
-    ids = np.array([5, 6, 7, 8, 9, 10], np.uint16)
-    offsets = np.array([0, 3, 3, 6])
-    rows = np.array([2, 0])
-    np.testing.assert_array_equal(padded_rows(ids, offsets, rows), [[8, 9, 10], [5, 6, 7]])
-    np.testing.assert_array_equal(padded_rows(ids, offsets, np.array([1, 0]), lead=2, pad_to_multiple=3),
-                                  [[2, 0, 0, 0, 0, 0], [2, 5, 6, 7, 0, 0]])
-    np.testing.assert_array_equal(padded_rows(ids, offsets, np.array([1]), trail=3), [[3]])
+    sentences = [np.array([8, 9, 10]), np.array([], np.int32), np.array([5, 6])]
+    np.testing.assert_array_equal(padded_rows(sentences), [[8, 9, 10], [0, 0, 0], [5, 6, 0]])
+    np.testing.assert_array_equal(padded_rows(sentences[1:], lead=2, pad_to_multiple=4),
+                                  [[2, 0, 0, 0], [2, 5, 6, 0]])
+    np.testing.assert_array_equal(padded_rows(sentences, trail=3), [[8, 9, 10, 3], [3, 0, 0, 0], [5, 6, 3, 0]])
+
+
+def test_corpus_lengths_are_read_across_blocks(tmp_path, small_chunks):
+    sources, targets = pairs_with_rare_words(130)
+    run = TranslationRun.create(config_for(tmp_path, sources, targets))
+    corpus = Corpus.open(run.run_dir / CORPUS_DIR)
+    expected = encode_all(run.target_tokenizer, run.target_vocab, targets).row_lengths().numpy()
+    np.testing.assert_array_equal(corpus.lengths("target"), expected)  # REMAP_BLOCK 50: three blocks
+    assert corpus.lengths("target").dtype == np.int32
 
 
 def test_joint_vocabulary_is_one_vocabulary_of_both_sides(tmp_path, small_chunks):

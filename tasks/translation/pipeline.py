@@ -123,7 +123,7 @@ def encode_training_data(run_dir, config, run=None):
 
 def _encode_training_data(run_dir, corpus_dir, config, run):
     t = config.tokenization
-    _, lines = training_data(config)
+    inputs, lines = training_data(config)  # fingerprinted before reading: a later change is noticed
     started = time.monotonic()
     writer = CorpusWriter(corpus_dir)
     vocabs = None
@@ -139,9 +139,10 @@ def _encode_training_data(run_dir, corpus_dir, config, run):
             models.append(train_sentencepiece(
                 texts(), size, model_type=t.sentencepiece_model_type, sample_size=t.sentencepiece_sample_size
             ))
-        models = models * (3 - len(models))
-        tokenizers = [SentencePieceTokenizer(model) for model in models[:2]]
-        vocabs = [sentencepiece_vocabulary(model) for model in models[:2]]
+        if t.joint_vocabulary:
+            models = models * 2  # the one model serves both sides
+        tokenizers = [SentencePieceTokenizer(model) for model in models]
+        vocabs = [sentencepiece_vocabulary(model) for model in models]
         for side, model in zip(SIDES, models):
             (corpus_dir / f"{side}.spm").write_bytes(model)
     else:
@@ -161,7 +162,7 @@ def _encode_training_data(run_dir, corpus_dir, config, run):
     for side, vocab in zip(SIDES, vocabs):
         vocab.save(corpus_dir / f"{side}.vocab")
     manifest = {
-        "inputs": training_data(config)[0],
+        "inputs": inputs,
         "tokenization": tokenization_settings(config),
         "vocabularies": vocabulary_hashes(corpus_dir),
     }
@@ -281,7 +282,7 @@ def make_batches(run, sources, targets, shuffle, report_name):
 
 
 def corpus_training_batches(run, corpus, report_name="train"):
-    """PlannedBatches over the pairs of the run's encoded corpus (memory-mapped), after
+    """PlannedBatches over the pairs of the run's encoded corpus (read from disk), after
     dropping over-long and empty pairs (reported): the same batches `make_batches` makes
     of the same pairs."""
     source_lengths, target_lengths = corpus.lengths("source"), corpus.lengths("target")
