@@ -45,6 +45,13 @@ def optimizer_checkpoint_stub(variables):
     return stub
 
 
+def replace_sublayer(layer, old, new):
+    """Makes Keras track the sublayer `new` instead of `old` in `layer` (its weights, saving,
+    loading): assigning an attribute only adds the new one, and the old one's variables would
+    stay in `layer`'s weights."""
+    layer._tracker.replace_tracked_value("layers", old, new)
+
+
 def missing():
     """Descriptions of the hooks the installed versions lack ([] when all are there)."""
     hooks = {
@@ -54,6 +61,9 @@ def missing():
         "keras.Model._symbolic_build": hasattr(keras.Model, "_symbolic_build"),
         "keras.Model._maybe_symbolic_build": hasattr(keras.Model, "_maybe_symbolic_build"),
         "keras.optimizers.Adam._get_variable_index": hasattr(keras.optimizers.Adam, "_get_variable_index"),
+        "keras.layers.Layer._tracker.replace_tracked_value": hasattr(
+            getattr(keras.layers.Layer(), "_tracker", None), "replace_tracked_value"
+        ),
     }
     hooks.update({f"keras.optimizers.Adam.{name}": hasattr(keras.optimizers.Adam, name) for name in OPTIMIZER_OVERRIDES})
     # Used directly by `serving_check`'s child process, which must not import this project.

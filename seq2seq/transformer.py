@@ -34,6 +34,7 @@ from keras import ops
 
 from seq2seq.decoders import tied_logits
 from seq2seq.encoders import Bridge
+from seq2seq.keras_compat import replace_sublayer
 from seq2seq.precision import Dense, Dropout
 
 POSITION_KINDS = ("sinusoidal", "learned")
@@ -448,7 +449,7 @@ class TransformerDecoder(keras.layers.Layer):
                 f"{self.name}: a shared embedding must be an Embedding of {self.vocab_size} tokens by {self.units} "
                 f"(the target vocabulary by units), got {type(embedding).__name__} {shape}"
             )
-        self._tracker.replace_tracked_value("layers", self.embedding, embedding)
+        replace_sublayer(self, self.embedding, embedding)
         self.embedding = embedding
 
     def prepare_context(self, memory, memory_mask):
