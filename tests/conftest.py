@@ -34,6 +34,25 @@ TINY_CAPTION_TRAIN = [
 ]
 
 
+# Child-process code defining `own_peak_rss_kb()`: the process's own high-water mark (VmHWM).
+# Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a child started from a
+# large pytest process reports the parent's size, whatever the child itself used.
+OWN_PEAK_RSS = (
+    "def own_peak_rss_kb():\n"
+    "    with open('/proc/self/status') as status:\n"
+    "        return next(int(line.split()[1]) for line in status if line.startswith('VmHWM:'))\n"
+)
+
+# Runs `python -m seq2seq.translate ARGS` and prints `maxrss_kb N`, the peak memory of the
+# process, on the last stderr line.
+MEASURED_TRANSLATE = OWN_PEAK_RSS + (
+    "import runpy, sys\n"
+    "sys.argv = ['seq2seq.translate', *sys.argv[1:]]\n"
+    "try:\n    runpy.run_module('seq2seq.translate', run_name='__main__')\n"
+    "finally:\n    print('maxrss_kb', own_peak_rss_kb(), file=sys.stderr)\n"
+)
+
+
 # What TensorFlow's C++ runtime writes to stderr on import whatever TF_CPP_MIN_LOG_LEVEL says.
 _TF_NOISE = re.compile(
     r"^([IWEF]\d{4} \S+ +\d+ \S+:\d+\]|WARNING: All log messages before absl"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import PROJECT_ROOT, TINY_MODEL, cli, toy_pairs, write_lines
+from conftest import OWN_PEAK_RSS, PROJECT_ROOT, TINY_MODEL, cli, toy_pairs, write_lines
 from seq2seq import corpus as corpus_module
 from seq2seq.corpus import Corpus, file_fingerprint, padded_rows, read_manifest
 from seq2seq.text import Vocabulary, encode_all, tokenize_all
@@ -224,14 +224,14 @@ def test_tsv_and_tfds_training_data_go_through_the_same_shards(tmp_path, small_c
     assert corpus.manifest["inputs"]["tfds"]["name"] == "ted_hrlr_translate/pt_to_en"
 
 
-PREPARE_RSS = """
-import resource, sys
+PREPARE_RSS = OWN_PEAK_RSS + """
+import sys
 from seq2seq.tasks.translation.config import TranslationConfig
 from seq2seq.tasks.translation.pipeline import TranslationRun
 config = TranslationConfig.from_dict({"data": {"train_source": sys.argv[1], "train_target": sys.argv[2]},
                                       "training": {"output_dir": sys.argv[3]}})
 TranslationRun.create(config)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(own_peak_rss_kb() // 1024)
 """
 
 
@@ -251,6 +251,16 @@ def test_preparing_memory_does_not_grow_with_the_corpus(tmp_path):
         peaks[count] = int(result.stdout.split()[-1])
         assert len(Corpus.open(tmp_path / f"run{count}" / CORPUS_DIR)) == count
     assert peaks[200_000] - peaks[50_000] < 60, peaks
+
+
+def test_a_child_measures_its_own_peak_memory_not_its_parents():
+    """ru_maxrss would report this process's 400 MB for a child that uses a few MB."""
+    ballast = bytearray(400 << 20)
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page so it is resident
+    result = subprocess.run([sys.executable, "-c", OWN_PEAK_RSS + "print(own_peak_rss_kb())"],
+                            capture_output=True, text=True, check=True)
+    del ballast
+    assert int(result.stdout) < 100_000, result.stdout
 
 
 def test_the_manifest_records_inputs_settings_and_vocabulary_hashes(tmp_path):

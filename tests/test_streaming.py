@@ -17,7 +17,7 @@ import threading
 import pytest
 from PIL import Image
 
-from conftest import PROJECT_ROOT, SAMPLE_SENTENCES, cli, user_stderr, write_lines
+from conftest import MEASURED_TRANSLATE, PROJECT_ROOT, SAMPLE_SENTENCES, cli, user_stderr, write_lines
 from seq2seq import caption, streaming
 from seq2seq.cli import CommandError
 
@@ -29,13 +29,6 @@ SMALL_INPUT_LINES = 5_000
 FIRST_FEED_LINES = 3_000  # more than one chunk: the first chunk can be translated before the rest is sent
 MEMORY_GROWTH_LIMIT_KB = 60_000
 
-# Runs the module under a wrapper that reports the peak memory of the process on its last stderr line.
-MEASURED_MAIN = (
-    "import resource, runpy, sys\n"
-    "sys.argv = ['seq2seq.translate', *sys.argv[1:]]\n"
-    "try:\n    runpy.run_module('seq2seq.translate', run_name='__main__')\n"
-    "finally:\n    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-)
 
 
 def pattern_lines(count):
@@ -235,7 +228,7 @@ def small_run_on_a_terminal(tmp_path_factory, word_model):
     controller, terminal = pty.openpty()
     with open(directory / "stdout", "wb") as stdout:
         process = subprocess.Popen(
-            [sys.executable, "-c", MEASURED_MAIN, "translate", "--model", str(word_model[1]), "--beam-size", "1",
+            [sys.executable, "-c", MEASURED_TRANSLATE, "translate", "--model", str(word_model[1]), "--beam-size", "1",
              "--input", str(source)],
             stdin=subprocess.DEVNULL, stdout=stdout, stderr=terminal, cwd=PROJECT_ROOT, env=child_env(),
         )
@@ -277,7 +270,7 @@ def test_50000_lines_from_a_pipe_stream_out_in_order_with_flat_memory(tmp_path, 
     inputs = pattern_lines(BIG_INPUT_LINES)
     stderr_file = open(tmp_path / "stderr", "w+b")
     process = subprocess.Popen(
-        [sys.executable, "-c", MEASURED_MAIN, "translate", "--model", str(word_model[1]), "--beam-size", "1"],
+        [sys.executable, "-c", MEASURED_TRANSLATE, "translate", "--model", str(word_model[1]), "--beam-size", "1"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file, cwd=PROJECT_ROOT, env=child_env(),
     )
     first_output_seen, all_input_sent = threading.Event(), threading.Event()

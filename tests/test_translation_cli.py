@@ -14,7 +14,8 @@ import sys
 import pytest
 import tensorflow as tf
 
-from conftest import PROJECT_ROOT, SAMPLE_SENTENCES, TINY_MODEL, Background, cli, toy_pairs, user_stderr, write_lines
+from conftest import (MEASURED_TRANSLATE, PROJECT_ROOT, SAMPLE_SENTENCES, TINY_MODEL, Background, cli, toy_pairs,
+                      user_stderr, write_lines)
 from seq2seq.text import UNK, UNK_ID, Vocabulary, WordTokenizer
 
 LONG_LINE_WORDS = 10_000
@@ -196,13 +197,6 @@ STDIN_INPUTS = [SAMPLE_SENTENCES[0], "", "  \t ", " ".join((["a", "man", "is", "
 
 SHORT_INPUTS = [line for line in STDIN_INPUTS if len(line) < 1000]
 
-# Runs the module under a wrapper that reports the peak memory of the process.
-MEASURED_MAIN = (
-    "import resource, runpy, sys\n"
-    "sys.argv = ['seq2seq.translate', *sys.argv[1:]]\n"
-    "try:\n    runpy.run_module('seq2seq.translate', run_name='__main__')\n"
-    "finally:\n    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +205,9 @@ def commands(tmp_path_factory, word_model):
     stdin with ordinary, empty, whitespace-only and a 10,000-word line; and invalid UTF-8 on stdin."""
     directory = tmp_path_factory.mktemp("cli_commands")
     started = {
-        "stdin": Background([sys.executable, "-c", MEASURED_MAIN, "translate", "--model", word_model[1]],
+        "stdin": Background([sys.executable, "-c", MEASURED_TRANSLATE, "translate", "--model", word_model[1]],
                             directory / "stdin", input="\n".join(STDIN_INPUTS) + "\n", timeout=120),
-        "stdin_short": Background([sys.executable, "-c", MEASURED_MAIN, "translate", "--model", word_model[1]],
+        "stdin_short": Background([sys.executable, "-c", MEASURED_TRANSLATE, "translate", "--model", word_model[1]],
                                   directory / "stdin_short", input="\n".join(SHORT_INPUTS) + "\n", timeout=120),
         "bad_utf8": Background([sys.executable, "-m", "seq2seq.translate", "translate", "--model", word_model[1]],
                                directory / "bad_utf8", input=b"a man is riding a bike .\nein \xff mann\n",
