@@ -15,6 +15,12 @@ a SavedModel. Rows that have produced the end token are frozen: they emit the en
 their score no longer changes, and their attention is zero. Sentences whose hypotheses
 have all finished leave the batch (`_leaving`), so no step computes them; the outputs
 are the same as if they had stayed.
+
+Every search takes an optional target `prefix`, a pair (ids [batch, P] int32, lengths [batch]
+int32): row b's first lengths[b] tokens are forced to ids[b, :lengths[b]], and the search
+continues freely after them (interactive translation, terminology). The forced tokens'
+log-probabilities count in the scores, and a row's maximum length grows to hold its prefix and
+one more token.
 """
 
 import math
@@ -143,19 +149,39 @@ def _leaving(done):
     return done & (count * 8 >= tf.size(done))
 
 
+def _prefix_inputs(prefix, max_lengths):
+    """The prefix pair as int32 tensors (ids with at least one column), and the per-row maximum
+    lengths [batch] grown to hold each prefix and one more token."""
+    ids, lengths = prefix
+    ids = tf.convert_to_tensor(ids, tf.int32)
+    lengths = tf.convert_to_tensor(lengths, tf.int32)
+    ids = tf.pad(ids, [[0, 0], [0, tf.maximum(1 - tf.shape(ids)[1], 0)]])
+    grown = tf.where(lengths > 0, tf.maximum(max_lengths, lengths + 1), max_lengths)
+    return (ids, lengths), grown
+
+
+def _forced_tokens(prefix, alive, step):
+    """At `step`, the prefix token of each `alive` sentence [rows] and whether it is forced [rows]."""
+    ids, lengths = prefix
+    column = tf.minimum(step, tf.shape(ids)[1] - 1)
+    return tf.gather(ids[:, column], alive), step < tf.gather(lengths, alive)
+
+
 def _scatter_rows(full, alive, values):
     """`full` [batch, ...] with the rows `alive` [A] replaced by `values` [A, ...]."""
     return tf.tensor_scatter_nd_update(full, alive[:, None], values)
 
 
-def _sequential_search(step_fn, initial_state, context, batch_size, start_id, end_id, max_length, choose):
+def _sequential_search(step_fn, initial_state, context, batch_size, start_id, end_id, max_length, choose, prefix=None):
     """The loop shared by greedy search and sampling; `choose(logits, step)` picks the tokens
-    from float32 logits [batch, vocab].
+    from float32 logits [batch, vocab], except where the `prefix` forces them.
 
     Sentences that have finished leave the batch (their state and context rows are dropped),
     so the steps only compute rows that are still decoding; what they emit afterwards (the
     end token, zero attention) fills the full-size outputs."""
     max_lengths = _max_lengths(max_length, batch_size)
+    if prefix is not None:
+        prefix, max_lengths = _prefix_inputs(prefix, max_lengths)
     limit = tf.reduce_max(max_lengths)
     alive = tf.range(batch_size)
     tokens = tf.fill([batch_size], tf.cast(start_id, tf.int32))
@@ -169,7 +195,11 @@ def _sequential_search(step_fn, initial_state, context, batch_size, start_id, en
         row_log_probs, row_lengths, row_ended = row_totals
         logits, state, step_attention = step_fn(tokens, state, context)
         logits = tf.cast(logits, tf.float32)
-        tokens = tf.where(finished, end_id, tf.cast(choose(logits, t), tf.int32))
+        choice = tf.cast(choose(logits, t), tf.int32)
+        if prefix is not None:
+            forced_tokens, forced = _forced_tokens(prefix, alive, t)
+            choice = tf.where(forced, forced_tokens, choice)
+        tokens = tf.where(finished, end_id, choice)
         chosen_logits = tf.gather(logits, tokens, batch_dims=1)[:, None]
         chosen = log_probs_of(logits, chosen_logits, tf.reduce_max(logits, axis=-1))[:, 0]  # [alive]
         row_log_probs += tf.where(finished, 0.0, chosen)
@@ -219,19 +249,20 @@ def _single_hypotheses(totals, ids, attention, batch_size, end_id):
     )
 
 
-def greedy_search(step_fn, initial_state, context, batch_size, start_id, end_id, max_length):
-    """Picks the most likely token at every step."""
+def greedy_search(step_fn, initial_state, context, batch_size, start_id, end_id, max_length, prefix=None):
+    """Picks the most likely token at every step (after the forced `prefix`, if any)."""
     return _sequential_search(
         step_fn, initial_state, context, batch_size, start_id, end_id, max_length,
-        choose=lambda logits, step: tf.argmax(logits, axis=-1, output_type=tf.int32),
+        choose=lambda logits, step: tf.argmax(logits, axis=-1, output_type=tf.int32), prefix=prefix,
     )
 
 
 def sampling_search(
     step_fn, initial_state, context, batch_size, start_id, end_id, max_length,
-    temperature=1.0, top_k=0, seed=None,
+    temperature=1.0, top_k=0, seed=None, prefix=None,
 ):
-    """Samples each token from softmax(logits / temperature), optionally among the top_k only.
+    """Samples each token from softmax(logits / temperature), optionally among the top_k only
+    (after the forced `prefix`, if any).
 
     With an integer `seed` the samples are a deterministic function of (seed, step). The
     returned log-probabilities are those of the model (temperature 1, no top-k cut).
@@ -248,7 +279,7 @@ def sampling_search(
             return tf.random.categorical(scaled, 1, dtype=tf.int32)[:, 0]
         return tf.random.stateless_categorical(scaled, 1, seed=[seed, step], dtype=tf.int32)[:, 0]
 
-    return _sequential_search(step_fn, initial_state, context, batch_size, start_id, end_id, max_length, choose)
+    return _sequential_search(step_fn, initial_state, context, batch_size, start_id, end_id, max_length, choose, prefix)
 
 
 def initial_beams(initial_state, context, batch_size, start_id, max_length, beam_size):
@@ -264,7 +295,7 @@ def initial_beams(initial_state, context, batch_size, start_id, max_length, beam
 
 def beam_search(
     step_fn, initial_state, context, batch_size, start_id, end_id, max_length,
-    beam_size=4, length_penalty=0.0, length_normalize=False, n_best=1,
+    beam_size=4, length_penalty=0.0, length_normalize=False, n_best=1, prefix=None,
 ):
     """Batched beam search with finished hypotheses kept and frozen.
 
@@ -280,9 +311,15 @@ def beam_search(
     beam, so the best continuations are among them) and its log-normalizer. The chosen
     tokens, their parent beams and their attention go into fixed-shape TensorArrays, and
     the hypotheses are read back through the parents once at the end.
+
+    While a row's `prefix` forces its tokens, every beam's only candidate is the forced token,
+    so the row keeps the single hypothesis it starts with, and the search proper starts from
+    the prefix as it would from the start token.
     """
     _check_beam_arguments(beam_size, n_best, length_penalty, length_normalize)
     k = beam_size
+    if prefix is not None:
+        prefix, max_length = _prefix_inputs(prefix, _max_lengths(max_length, batch_size))
     max_lengths, state, context, tokens, log_probs = initial_beams(
         initial_state, context, batch_size, start_id, max_length, k
     )
@@ -300,8 +337,10 @@ def beam_search(
     def body(t, alive, tokens, state, context, finished, row_max_lengths, row_totals, totals, chosen, parents, attention):
         rows = tf.shape(alive)[0]
         logits, state, step_attention = step_fn(tokens, state, context)
+        forced = None if prefix is None else _forced_tokens(prefix, alive, t)
         beams, tokens, finished, row_totals, step_attention = _beam_step(
-            logits, step_attention, finished, row_totals, row_max_lengths, k, end_id, length_penalty, length_normalize
+            logits, step_attention, finished, row_totals, row_max_lengths, k, end_id, length_penalty, length_normalize,
+            forced,
         )
         totals = tuple(_scatter_rows(full, alive, row) for full, row in zip(totals, row_totals))
         chosen = chosen.write(t, _scatter_rows(retired_tokens, alive, tokens))
@@ -348,10 +387,13 @@ def _check_beam_arguments(beam_size, n_best, length_penalty, length_normalize):
         raise ValueError("use either length_penalty or length_normalize, not both")
 
 
-def _beam_step(logits, attention, finished, row_totals, row_max_lengths, k, end_id, length_penalty, length_normalize):
+def _beam_step(
+    logits, attention, finished, row_totals, row_max_lengths, k, end_id, length_penalty, length_normalize, forced=None
+):
     """One beam step's choice: the k best continuations of each row [rows, beam] among each
     beam's own k best tokens. A finished beam may only continue with the end token, at no
-    cost: its score is frozen. Returns the parent beams, tokens, finished flags, running
+    cost: its score is frozen. `forced`, a pair (tokens [rows], is_forced [rows]), makes the
+    given token every beam's only candidate in the rows it forces. Returns the parent beams, tokens, finished flags, running
     (log-probs, lengths, ended) and attention [rows, k, src_len] of the chosen continuations."""
     row_log_probs, row_lengths, row_ended = row_totals
     rows = tf.shape(finished)[0]
@@ -359,9 +401,18 @@ def _beam_step(logits, attention, finished, row_totals, row_max_lengths, k, end_
     per_beam = tf.minimum(k, tf.shape(logits)[-1])  # candidates a beam
     top_logits, top_tokens, row_max = top_k_rows(logits, per_beam)  # [rows * beam, per_beam]
     candidates = tf.reshape(log_probs_of(logits, top_logits, row_max), [rows, k, per_beam])
-    frozen = tf.where(tf.range(per_beam) == 0, 0.0, -float("inf"))
+    top_tokens = tf.reshape(top_tokens, [rows, k, per_beam])
+    only_first = tf.range(per_beam) == 0
+    if forced is not None:
+        forced_tokens, is_forced = forced
+        beam_tokens = tf.repeat(forced_tokens, k)[:, None]  # [rows * beam, 1]
+        forced_log_probs = log_probs_of(logits, tf.gather(logits, beam_tokens, batch_dims=1), row_max)
+        forced_candidates = tf.where(only_first, tf.reshape(forced_log_probs, [rows, k, 1]), -float("inf"))
+        candidates = tf.where(is_forced[:, None, None], forced_candidates, candidates)
+        top_tokens = tf.where(is_forced[:, None, None], forced_tokens[:, None, None], top_tokens)
+    frozen = tf.where(only_first, 0.0, -float("inf"))
     candidates = tf.where(finished[:, :, None], frozen, candidates)
-    top_tokens = tf.where(finished[:, :, None], end_id, tf.reshape(top_tokens, [rows, k, per_beam]))
+    top_tokens = tf.where(finished[:, :, None], end_id, top_tokens)
     totals_now = row_log_probs[:, :, None] + candidates  # [rows, beam, per_beam]
     new_lengths = row_lengths + tf.cast(~finished, tf.int32)
     scores = sequence_score(totals_now, new_lengths[:, :, None], length_penalty, length_normalize)

@@ -86,21 +86,24 @@ class Seq2SeqModel(keras.Model):
         temperature=1.0,
         top_k=0,
         seed=None,
+        prefix=None,
     ):
         """Decodes a batch of sources. max_length: an int, or an int tensor [batch] per row
-        (see `decoding.max_length_from_source`). Returns a `decoding.DecodingResult`."""
+        (see `decoding.max_length_from_source`). prefix: None, or (ids [batch, P], lengths
+        [batch]), the target tokens each row must start with (see `decoding`). Returns a
+        `decoding.DecodingResult`."""
         context, state = self.encode(source, training=False)
         batch_size = tf.shape(context["memory"])[0]
         common = (self.decoder.step, state, context, batch_size, self.start_id, self.end_id, max_length)
         if search == "greedy":
-            return decoding.greedy_search(*common)
+            return decoding.greedy_search(*common, prefix=prefix)
         if search == "beam":
             return decoding.beam_search(
                 *common, beam_size=beam_size, length_penalty=length_penalty,
-                length_normalize=length_normalize, n_best=n_best,
+                length_normalize=length_normalize, n_best=n_best, prefix=prefix,
             )
         if search == "sample":
-            return decoding.sampling_search(*common, temperature=temperature, top_k=top_k, seed=seed)
+            return decoding.sampling_search(*common, temperature=temperature, top_k=top_k, seed=seed, prefix=prefix)
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
 
     def get_config(self):
