@@ -1,7 +1,7 @@
 """Where a training step's time goes. Run by hand, never as a test.
 
     python bench/profile_training.py --config bench/configs/config_a.yaml [--precision bf16]
-        [--batch-size 64 | --max-tokens 2048] [--steps 30] [--warmup 10] [--top 25]
+        [--batch-size 64 | --max-tokens 2048] [--steps 30] [--top 25] [--top-names 40]
 
 Builds the run's model from a `train --config` file (fresh weights, the run's tokenization
 on its training data), then:
@@ -73,6 +73,7 @@ def main():
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--steps", type=int, default=30, help="profiled and timed steps")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--top-names", type=int, default=0, help="also list the N single ops that took the most")
     parser.add_argument("--no-profile", action="store_true", help="timings only")
     args = parser.parse_args()
     os.chdir(PROJECT_ROOT)
@@ -115,7 +116,7 @@ def main():
         for inputs, targets in data[2:]:
             model.train_on_batch(inputs, targets)
         tf.profiler.experimental.stop()
-        op_table(logdir, args.top)
+        op_table(logdir, args.top, args.top_names)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ class StepTimer(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def op_table(logdir, top):
+def op_table(logdir, top, top_names=0):
+    """Prints the TensorFlow ops of a profile by self time, grouped by op type, and with
+    `top_names` the single ops (by name: the layer that owns them) that took the most."""
     try:
         from xprof.convert import raw_to_tool_data
     except ImportError:
@@ -35,13 +37,18 @@ def op_table(logdir, top):
     rows = [[cell["v"] if cell else None for cell in row["c"]] for row in table["rows"]]
     col = {name: i for i, name in enumerate(columns)}
     type_key = "type" if "type" in col else columns[2]
+    name_key = "operation" if "operation" in col else columns[3]
     self_key = next(k for k in ("total_self_time", "self_time") if k in col)
-    by_type = {}
+    by_type, by_name = {}, {}
     for row in rows:
-        if row[col.get("host_or_device", 0)] not in ("Host", "Device", None) and False:
-            continue
-        by_type[row[col[type_key]]] = by_type.get(row[col[type_key]], 0.0) + float(row[col[self_key]])
+        micros = float(row[col[self_key]])
+        by_type[row[col[type_key]]] = by_type.get(row[col[type_key]], 0.0) + micros
+        by_name[row[col[name_key]]] = by_name.get(row[col[name_key]], 0.0) + micros
     total = sum(by_type.values())
     print(f"\nTensorFlow ops by self time ({total / 1000:.0f} ms in all over the profiled steps):")
     for op_type, micros in sorted(by_type.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {op_type:<34} {micros / 1000:9.1f} ms  {100 * micros / total:5.1f}%")
+    if top_names:
+        print("\nSingle ops by self time:")
+        for name, micros in sorted(by_name.items(), key=lambda kv: -kv[1])[:top_names]:
+            print(f"  {str(name)[-90:]:<90} {micros / 1000:9.1f} ms  {100 * micros / total:5.1f}%")
