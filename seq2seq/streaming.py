@@ -50,6 +50,18 @@ def _file_lines(path):
         yield from decoded_lines(stream, path)
 
 
+def paired_lines(lines, others, name, what):
+    """(line, other) pairs of two line streams that must have as many lines, lazily; when one
+    ends before the other, a one-line error that says which (`name` is the file of `others`,
+    holding one `what` a line)."""
+    for number, (line, other) in enumerate(itertools.zip_longest(lines, others), start=1):
+        if other is None:
+            raise cli.CommandError(f"{name} ended at line {number - 1} but the input goes on: give one {what} a line")
+        if line is None:
+            raise cli.CommandError(f"{name} has more lines than the input ({number - 1}): give one {what} a line")
+        yield line, other
+
+
 def count_lines(path):
     """How many lines `input_lines(path)` gives, counted in binary blocks (fast): the total of a progress display."""
     count, last = 0, b"\n"

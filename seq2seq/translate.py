@@ -75,12 +75,22 @@ def translate_interactively(args, translator):
 
 def command_translate(args):
     check_n_best(args)
-    # (With --plot-alignment, even a terminal on stdin is read in chunks: the plot is of the first sentence.)
-    interactive = not args.texts and args.input is None and not args.plot_alignment and sys.stdin.isatty()
+    # (With --plot-alignment or --prefix-file, even a terminal on stdin is read in chunks.)
+    interactive = (
+        not args.texts and args.input is None and not args.plot_alignment and args.prefix_file is None
+        and sys.stdin.isatty()
+    )
     if interactive:
         return translate_interactively(args, load_translator(args))
     lines = args.texts if args.texts else streaming.input_lines(args.input)
+    if args.prefix_file is not None:
+        lines = streaming.paired_lines(lines, streaming.input_lines(args.prefix_file), args.prefix_file, "prefix")
     translator = load_translator(args)
+    if args.prefix_file is not None and not hasattr(translator, "translate_with_prefix"):
+        raise cli.CommandError(
+            f"{args.model}: exported before target prefixes existed (no translate_with_prefix signature); "
+            f"write it again with: python -m seq2seq.translate export --from-model {args.model} --output DIR"
+        )
     try:
         translate_in_chunks(args, translator, lines, total=input_size(args))
     except BrokenPipeError:
@@ -104,10 +114,14 @@ def translate_in_chunks(args, translator, lines, total=None):
     with streaming.Progress("sentences", total) as progress:
         first_line = 1
         for chunk in streaming.chunks(lines, SENTENCES_PER_CHUNK):
+            prefixes = None
+            if args.prefix_file is not None:
+                chunk, prefixes = [line for line, _ in chunk], [prefix for _, prefix in chunk]
             outputs = [] if args.plot_alignment and first_line == 1 else None
             results = translate_lines(
                 translator, chunk, beam_size=args.beam_size, n_best=args.n_best, length_penalty=args.length_penalty,
                 batch_size=args.batch_size, outputs=outputs, first_line=first_line, warn=progress.write,
+                prefixes=prefixes,
             )
             streaming.write_lines(result if args.n_best == 1 else "\t".join(result) for result in results)
             progress.update(len(chunk))
@@ -207,6 +221,10 @@ def build_parser():
     sources.add_argument("--input", help="file of sentences, one a line (default: stdin, unless sentences are given)")
     translate.add_argument("--n-best", type=cli.positive_int, default=1,
                            help="hypotheses per sentence, tab-separated, at most --beam-size (default: 1)")
+    translate.add_argument("--prefix-file", metavar="FILE",
+                           help="target-language prefixes, one a line: line N's words start the translation of "
+                                "input line N, and the search continues after them; an empty line means none "
+                                "(default: no prefixes)")
     translate.add_argument("--plot-alignment", metavar="PNG",
                            help="write the attention alignment of the first sentence to a PNG (default: no plot)")
     add_model_flags(translate)

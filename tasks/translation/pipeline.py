@@ -365,11 +365,13 @@ def _train(config, precision_note, validation_bleu, callbacks):
 
 def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unknown=False):
     """Writes a SavedModel with `serving_default` (texts -> translations, scores; beam search
-    inside) and `translate` (texts, beam_size, n_best, length_penalty -> everything)."""
+    inside), `translate` (texts, beam_size, n_best, length_penalty -> everything) and
+    `translate_with_prefix` (the same with a target prefix a text)."""
     translator = run.translator(model, replace_unknown=replace_unknown)
     signatures = {
         "serving_default": translator.serving_function(beam_size, length_penalty),
         "translate": translator.translate,
+        "translate_with_prefix": translator.translate_with_prefix,
     }
     extra = save_export(translator, export_dir, signatures, run.config)
     for side, tokenizer, vocab in (("source", run.source_tokenizer, run.source_vocab), ("target", run.target_tokenizer, run.target_vocab)):

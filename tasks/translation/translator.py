@@ -11,6 +11,12 @@ from seq2seq.model import ExportedModel
 from seq2seq.text import PAD_ID, UNK
 
 TEXT_SPEC = tf.TensorSpec([None], tf.string, name="texts")
+PREFIX_SPEC = tf.TensorSpec([None], tf.string, name="prefixes")
+SEARCH_SPECS = [
+    tf.TensorSpec([], tf.int32, name="beam_size"),
+    tf.TensorSpec([], tf.int32, name="n_best"),
+    tf.TensorSpec([], tf.float32, name="length_penalty"),
+]
 
 
 class Translator(tf.Module):
@@ -52,19 +58,28 @@ class Translator(tf.Module):
     def model(self):
         return self._exported.model
 
-    @tf.function(
-        input_signature=[
-            TEXT_SPEC,
-            tf.TensorSpec([], tf.int32, name="beam_size"),
-            tf.TensorSpec([], tf.int32, name="n_best"),
-            tf.TensorSpec([], tf.float32, name="length_penalty"),
-        ]
-    )
+    @tf.function(input_signature=[TEXT_SPEC, *SEARCH_SPECS])
     def translate(self, texts, beam_size, n_best, length_penalty):
         """texts [N] -> dict of translations [N], scores [N], nbest_translations [N, n_best],
         nbest_scores [N, n_best], source_tokens [N, S], target_tokens [N, T],
         attention [N, T, S] (of the best hypothesis) and source_truncated [N] bool.
         beam_size 1 runs greedy search."""
+        return self._translate(texts, beam_size, n_best, length_penalty)
+
+    @tf.function(input_signature=[TEXT_SPEC, PREFIX_SPEC, *SEARCH_SPECS])
+    def translate_with_prefix(self, texts, prefixes, beam_size, n_best, length_penalty):
+        """`translate` whose every hypothesis starts with the tokens of its target-language
+        prefix (prefixes [N], one a text; "" for none); the search continues freely after
+        them, and their log-probabilities count in the scores. Empty sources still give "".
+        """
+        tf.debugging.assert_equal(
+            tf.size(prefixes), tf.size(texts), message="translate_with_prefix needs one prefix a text"
+        )
+        prefix_ids = self.target_vocab.lookup_ids(self.target_tokenizer.tokenize(prefixes))  # ragged [N, None]
+        prefix = (prefix_ids.to_tensor(PAD_ID), tf.cast(prefix_ids.row_lengths(), tf.int32))
+        return self._translate(texts, beam_size, n_best, length_penalty, prefix)
+
+    def _translate(self, texts, beam_size, n_best, length_penalty, prefix=None):
         source_tokens = self.source_tokenizer.tokenize(texts)  # ragged [N, None]
         truncated = source_tokens.row_lengths() > self.max_source_length
         source_tokens = source_tokens[:, : self.max_source_length]
@@ -79,13 +94,13 @@ class Translator(tf.Module):
         max_length = max_length_from_source(source_lengths, self.length_ratio, self.length_offset)
 
         def greedy():
-            return tuple(self.model.generate(source_ids, search="greedy", max_length=max_length))
+            return tuple(self.model.generate(source_ids, search="greedy", max_length=max_length, prefix=prefix))
 
         def beam():
             return tuple(
                 self.model.generate(
                     source_ids, search="beam", max_length=max_length, beam_size=beam_size,
-                    n_best=n_best, length_penalty=length_penalty,
+                    n_best=n_best, length_penalty=length_penalty, prefix=prefix,
                 )
             )
 
