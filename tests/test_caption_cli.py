@@ -450,3 +450,19 @@ def test_export_from_model_keeps_the_weights_and_sets_the_pixel_limit(tiny_expor
     assert errors[0] == "" and "over the limit of 1,500 pixels" in errors[1], errors
     code, _, err = run_cli(capsys, "export", "--output", str(tmp_path / "x"))
     assert code == 2 and "give either --run-dir" in err
+
+
+def test_exported_caption_with_prefix_signature_matches_the_in_process_captioner(loaded_export, tiny_caption_run, images):
+    import tensorflow as tf
+
+    from seq2seq.tasks.captioning.pipeline import CaptionRun
+
+    run = CaptionRun.load(tiny_caption_run)
+    captioner = run.captioner(run.load_model())
+    word = next(token for token in captioner.vocab.tokens if token.isalpha())
+    batch = tf.constant([path.read_bytes() for path in images["good"][:2]])
+    prefixes = tf.constant([word, ""])
+    served = loaded_export.signatures["caption_with_prefix"](images=batch, prefixes=prefixes, beam_size=tf.constant(3))
+    expected = captioner.prefix_function()(images=batch, prefixes=prefixes, beam_size=tf.constant(3))
+    assert served["captions"].numpy().tolist() == expected["captions"].numpy().tolist()
+    assert served["captions"].numpy()[0].decode().split()[0] == word

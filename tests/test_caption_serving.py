@@ -251,3 +251,36 @@ def test_malformed_exif_reads_as_upright():
     assert orientation(whole) == 6
     for data in (whole[: start + 12], whole.replace(b"II*\x00", b"XX*\x00", 1), encode(quadrants(), "JPEG")):
         assert orientation(data) == 1
+
+
+def prefixes_from(captioner):
+    """Prefixes of real caption words (the tiny model's own vocabulary): two words, none, one."""
+    words = [token for token in captioner.vocab.tokens if token.isalpha()][:3]
+    return [" ".join(words[:2]), "", words[2]]
+
+
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_captions_start_with_their_prefix_and_an_empty_prefix_changes_nothing(captioner, beam_size):
+    size = captioner.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    prefixes = prefixes_from(captioner)
+    forced = captioner.caption_with_prefix(
+        tf.constant(pixels), tf.constant(prefixes), tf.constant(beam_size), tf.constant(0.0)
+    )
+    free = captioner.caption(tf.constant(pixels), tf.constant(beam_size), tf.constant(0.0))
+    captions = [c.decode() for c in forced["captions"].numpy()]
+    for caption, prefix in zip(captions, prefixes):
+        assert caption.split()[: len(prefix.split())] == prefix.split(), (caption, prefix)
+    assert forced["captions"].numpy()[1] == free["captions"].numpy()[1]
+    np.testing.assert_allclose(forced["scores"].numpy()[1], free["scores"].numpy()[1], atol=1e-5)
+
+
+def test_the_prefix_signature_answers_bad_images_alone(captioner):
+    signature = captioner.prefix_function()
+    prefixes = prefixes_from(captioner)
+    good = encode(quadrants(), "PNG")
+    out = signature(images=tf.constant([good, b"junk", good]), prefixes=tf.constant([prefixes[0], "", prefixes[2]]),
+                    beam_size=tf.constant(2))
+    assert out["errors"].numpy().tolist() == [b"", b"not a JPEG, PNG, GIF, BMP or WebP image", b""]
+    first, bad, last = [c.decode() for c in out["captions"].numpy()]
+    assert first.startswith(prefixes[0]) and last.startswith(prefixes[2]) and bad == ""

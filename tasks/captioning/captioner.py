@@ -21,11 +21,12 @@ import tensorflow as tf
 from seq2seq.model import ExportedModel
 from seq2seq.tasks.captioning.image_graph import CORRUPT_IMAGE, DECODE_PARALLELISM, decode_rgb, refusal
 from seq2seq.tasks.captioning.images import DEFAULT_MAX_PIXELS
+from seq2seq.text import PAD_ID
 
 IMAGES_SPEC = tf.TensorSpec([None], tf.string, name="images")
 BEAM_SPEC = tf.TensorSpec([], tf.int32, name="beam_size")
 PENALTY_SPEC = tf.TensorSpec([], tf.float32, name="length_penalty")
-
+PREFIX_SPEC = tf.TensorSpec([None], tf.string, name="prefixes")
 
 
 class Captioner(tf.Module):
@@ -54,6 +55,12 @@ class Captioner(tf.Module):
         pixels_spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name="pixels")
         self.caption = tf.function(self._caption, input_signature=[pixels_spec, BEAM_SPEC, PENALTY_SPEC])
         self.caption_bytes = tf.function(self._caption_bytes, input_signature=[IMAGES_SPEC, BEAM_SPEC, PENALTY_SPEC])
+        self.caption_with_prefix = tf.function(
+            self._caption_with_prefix, input_signature=[pixels_spec, PREFIX_SPEC, BEAM_SPEC, PENALTY_SPEC]
+        )
+        self.caption_bytes_with_prefix = tf.function(
+            self._caption_bytes_with_prefix, input_signature=[IMAGES_SPEC, PREFIX_SPEC, BEAM_SPEC, PENALTY_SPEC]
+        )
         self.info = tf.function(self._info, input_signature=[])
 
     @property
@@ -126,21 +133,37 @@ class Captioner(tf.Module):
         rows = tf.where(rows < 0, tf.size(indices) - 1, rows)  # an image that did not come back: the `failed` row
         return tf.gather(pixels, rows), tf.gather(reasons, rows)
 
-    def _caption_bytes(self, images, beam_size, length_penalty):
+    def _caption_bytes(self, images, beam_size, length_penalty, prefixes=None):
         """Encoded images [N] -> the `caption` outputs and errors [N] ("" or why the image was not
         captioned; such an image gets an empty caption, score 0 and no tokens)."""
         pixels, errors = self.decode_images(images)
-        outputs = self.caption_rows(pixels, tf.equal(errors, ""), beam_size, length_penalty)
+        outputs = self.caption_rows(pixels, tf.equal(errors, ""), beam_size, length_penalty, prefixes)
         outputs["errors"] = errors
         return outputs
 
-    def _caption(self, pixels, beam_size, length_penalty):
+    def _caption(self, pixels, beam_size, length_penalty, prefixes=None):
         """pixels [N, H, W, 3] uint8 -> dict of captions [N], scores [N], tokens [N, T] (padded with ""),
         lengths [N] and attention [N, T, h*w] of the best hypothesis. beam_size 1 runs greedy search."""
         pixels = tf.map_fn(self.resize, pixels, fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.uint8))
-        return self.caption_rows(pixels, tf.ones(tf.shape(pixels)[:1], tf.bool), beam_size, length_penalty)
+        return self.caption_rows(pixels, tf.ones(tf.shape(pixels)[:1], tf.bool), beam_size, length_penalty, prefixes)
 
-    def caption_rows(self, pixels, good, beam_size, length_penalty):
+    def _caption_with_prefix(self, pixels, prefixes, beam_size, length_penalty):
+        """`caption` whose every caption starts with the words of its prefix (prefixes [N], "" for
+        none); the search continues freely after them and their log-probabilities count in the scores."""
+        return self._caption(pixels, beam_size, length_penalty, self._checked(prefixes, pixels))
+
+    def _caption_bytes_with_prefix(self, images, prefixes, beam_size, length_penalty):
+        """`caption_bytes` with a prefix an image, as in `caption_with_prefix`."""
+        return self._caption_bytes(images, beam_size, length_penalty, self._checked(prefixes, images))
+
+    @staticmethod
+    def _checked(prefixes, batch):
+        tf.debugging.assert_equal(
+            tf.size(prefixes), tf.shape(batch)[0], message="captioning with prefixes needs one prefix an image"
+        )
+        return prefixes
+
+    def caption_rows(self, pixels, good, beam_size, length_penalty, prefixes=None):
         """`generate` on the rows of pixels [N, S, S, 3] where good [N] holds; the other rows get an
         empty caption, score 0, length 0, no tokens and no attention. With no good row (an empty
         batch, say) the model runs on one blank image, since it cannot run on none."""
@@ -148,7 +171,11 @@ class Captioner(tf.Module):
         taken = tf.size(rows)
         sources = tf.gather(pixels, rows)
         blank = tf.zeros(tf.concat([[1], tf.shape(pixels)[1:]], 0), pixels.dtype)
-        outputs = self.generate(tf.cond(taken > 0, lambda: sources, lambda: blank), beam_size, length_penalty)
+        if prefixes is not None:
+            prefixes = tf.cond(taken > 0, lambda: tf.gather(prefixes, rows), lambda: tf.constant([""]))
+        outputs = self.generate(
+            tf.cond(taken > 0, lambda: sources, lambda: blank), beam_size, length_penalty, prefixes
+        )
         position = tf.where(good, tf.cumsum(tf.cast(good, tf.int32), exclusive=True), taken)  # bad: the blank row
 
         def spread(values):
@@ -158,17 +185,23 @@ class Captioner(tf.Module):
 
         return {key: spread(values) for key, values in outputs.items()}
 
-    def generate(self, sources, beam_size, length_penalty):
-        """Model sources (pixels, or cached features for a feature model) -> the `caption` outputs."""
+    def generate(self, sources, beam_size, length_penalty, prefixes=None):
+        """Model sources (pixels, or cached features for a feature model) -> the `caption` outputs;
+        `prefixes` [N] (or None): the words each caption must start with ("" for none)."""
         max_length = self.max_length + 1  # the end token counts
+        prefix = None
+        if prefixes is not None:
+            prefix_ids = self.vocab.lookup_ids(self.tokenizer.tokenize(prefixes))  # ragged [N, None]
+            prefix = (prefix_ids.to_tensor(PAD_ID), tf.cast(prefix_ids.row_lengths(), tf.int32))
 
         def greedy():
-            return tuple(self.model.generate(sources, search="greedy", max_length=max_length))
+            return tuple(self.model.generate(sources, search="greedy", max_length=max_length, prefix=prefix))
 
         def beam():
             return tuple(
                 self.model.generate(
-                    sources, search="beam", max_length=max_length, beam_size=beam_size, length_penalty=length_penalty
+                    sources, search="beam", max_length=max_length, beam_size=beam_size, length_penalty=length_penalty,
+                    prefix=prefix,
                 )
             )
 
@@ -210,3 +243,15 @@ class Captioner(tf.Module):
             return outputs
 
         return caption_with_attention
+
+    def prefix_function(self, length_penalty=0.0):
+        """The `caption_with_prefix` signature: images [N], prefixes [N] (the words each caption
+        must start with, "" for none), beam_size -> captions, scores and errors [N], as in
+        `serving_function`."""
+
+        @tf.function(input_signature=[IMAGES_SPEC, PREFIX_SPEC, BEAM_SPEC])
+        def caption_with_prefix(images, prefixes, beam_size):
+            outputs = self.caption_bytes_with_prefix(images, prefixes, beam_size, tf.constant(length_penalty, tf.float32))
+            return {key: outputs[key] for key in ("captions", "scores", "errors")}
+
+        return caption_with_prefix

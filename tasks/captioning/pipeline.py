@@ -227,12 +227,13 @@ def _train(config, precision_note, validation_bleu):
 
 def export(run, model, export_dir, beam_size=3, length_penalty=0.0, max_pixels=DEFAULT_MAX_PIXELS):
     """Writes a SavedModel with `serving_default` (encoded images -> captions, scores, errors; beam search
-    inside) and `caption_with_attention` (images, beam_size -> also tokens and attention over the grid).
-    Images that declare more than `max_pixels` pixels are refused unread (`info()["max_pixels"]`)."""
+    inside), `caption_with_attention` (images, beam_size -> also tokens and attention over the grid) and
+    `caption_with_prefix` (images, prefixes, beam_size -> captions that start with the prefixes). Images that declare more than `max_pixels` pixels are refused unread (`info()["max_pixels"]`)."""
     captioner = run.captioner(model, max_pixels=max_pixels)
     signatures = {
         "serving_default": captioner.serving_function(beam_size, length_penalty),
         "caption_with_attention": captioner.attention_function(length_penalty),
+        "caption_with_prefix": captioner.prefix_function(length_penalty),
     }
     extra = save_export(captioner, export_dir, signatures, run.config)
     run.vocab.save(extra / VOCAB_FILE)
