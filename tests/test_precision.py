@@ -154,3 +154,37 @@ def test_precision_scope_restores_the_global_policy(monkeypatch):
     with pytest.raises(RuntimeError), precision_scope("bf16"):
         raise RuntimeError("training failed")
     assert keras.config.dtype_policy().name == "float32"  # models built next (exports) are float32
+
+
+def test_dropout_keeps_the_rate_exactly_on_average_and_masks_alike_in_every_dtype():
+    """16 random bits a unit: rate 0.3 keeps 70% of a million units (within 4 standard
+    deviations), the output's mean is the input's (kept units scaled by 1 / 0.7), and one seed
+    gives one mask whether the inputs are float32 or bfloat16."""
+    from seq2seq.precision import Dropout
+
+    ones = tf.ones([1001, 999])  # an odd number of units: the last 32-bit draw is half used
+    masks = {}
+    for dtype in ("float32", "bfloat16"):
+        layer = Dropout(0.3, seed=5)
+        masks[dtype] = layer(tf.cast(ones, dtype), training=True).numpy().astype(np.float32)
+    np.testing.assert_array_equal(masks["float32"] > 0, masks["bfloat16"] > 0)
+    kept = float(np.mean(masks["float32"] > 0))
+    assert abs(kept - 0.7) < 4 * np.sqrt(0.7 * 0.3 / ones.shape.num_elements()), kept
+    assert set(np.unique(masks["float32"])) == {0.0, np.float32(65536 / (65536 - round(0.3 * 65536)))}
+    assert abs(float(np.mean(masks["float32"])) - 1.0) < 0.005
+    assert Dropout(0.3)(ones, training=False) is ones
+
+
+def test_dropout_gradient_is_the_mask_and_noise_shape_broadcasts():
+    from seq2seq.precision import Dropout
+
+    inputs = tf.random.normal([4, 6, 8])
+    layer = Dropout(0.5, noise_shape=(None, 1, 8), seed=3)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        outputs = layer(inputs, training=True)
+        total = tf.reduce_sum(outputs)
+    gradient = tape.gradient(total, inputs).numpy()
+    np.testing.assert_allclose(outputs.numpy(), inputs.numpy() * gradient, rtol=1e-6)
+    assert np.all(gradient == gradient[:, :1, :])  # one mask for every time step
+    assert set(np.unique(gradient)) == {0.0, 2.0}
