@@ -375,6 +375,28 @@ def beam_search(
     return _n_best_hypotheses(totals, chosen, parents, attention, n_best, end_id, length_penalty, length_normalize)
 
 
+SEARCHES = ("greedy", "beam", "sample")
+
+
+def run_search(
+    step_fn, initial_state, context, batch_size, start_id, end_id, max_length, search="greedy", beam_size=4,
+    length_penalty=0.0, length_normalize=False, n_best=1, temperature=1.0, top_k=0, seed=None, prefix=None,
+):
+    """One of SEARCHES by name, with the options that search reads (the others are ignored):
+    what a model's `generate` calls, whatever its step function is."""
+    common = (step_fn, initial_state, context, batch_size, start_id, end_id, max_length)
+    if search == "greedy":
+        return greedy_search(*common, prefix=prefix)
+    if search == "beam":
+        return beam_search(
+            *common, beam_size=beam_size, length_penalty=length_penalty, length_normalize=length_normalize,
+            n_best=n_best, prefix=prefix,
+        )
+    if search == "sample":
+        return sampling_search(*common, temperature=temperature, top_k=top_k, seed=seed, prefix=prefix)
+    raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+
+
 def _check_beam_arguments(beam_size, n_best, length_penalty, length_normalize):
     """Refuses impossible Python-number arguments before any graph is built."""
     if isinstance(beam_size, int) and beam_size < 1:

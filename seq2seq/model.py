@@ -8,7 +8,7 @@ from keras import ops
 
 from seq2seq import decoding
 
-SEARCHES = ("greedy", "beam", "sample")
+SEARCHES = decoding.SEARCHES
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
@@ -94,17 +94,11 @@ class Seq2SeqModel(keras.Model):
         `decoding.DecodingResult`."""
         context, state = self.encode(source, training=False)
         batch_size = tf.shape(context["memory"])[0]
-        common = (self.decoder.step, state, context, batch_size, self.start_id, self.end_id, max_length)
-        if search == "greedy":
-            return decoding.greedy_search(*common, prefix=prefix)
-        if search == "beam":
-            return decoding.beam_search(
-                *common, beam_size=beam_size, length_penalty=length_penalty,
-                length_normalize=length_normalize, n_best=n_best, prefix=prefix,
-            )
-        if search == "sample":
-            return decoding.sampling_search(*common, temperature=temperature, top_k=top_k, seed=seed, prefix=prefix)
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+        return decoding.run_search(
+            self.decoder.step, state, context, batch_size, self.start_id, self.end_id, max_length, search=search,
+            beam_size=beam_size, length_penalty=length_penalty, length_normalize=length_normalize, n_best=n_best,
+            temperature=temperature, top_k=top_k, seed=seed, prefix=prefix,
+        )
 
     def get_config(self):
         return {

@@ -1,0 +1,141 @@
+"""Ensembles (seq2seq.ensemble): the members' averaged distributions decoded by the shared searches."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from seq2seq.ensemble import Ensemble
+from seq2seq.factory import build_model
+from seq2seq.model import build_rnn_model
+from seq2seq.tasks.translation.config import ModelConfig
+from test_decoding import END, START, FakeModel, log_softmax
+
+
+class FakeMember:
+    """A FakeModel table behind the member interface an Ensemble uses (encode, decoder.step, ids)."""
+
+    def __init__(self, table):
+        self.table = table
+        self.decoder = type("FakeDecoder", (), {"step": staticmethod(table.step), "vocab_size": table.vocab})()
+        self.start_id, self.end_id = START, END
+
+    def encode(self, source, training=False):
+        b = self.table.batch_size
+        return {"row": tf.range(b), "memory": tf.zeros([b, 1, 1])}, {"prev": tf.fill([b], START), "t": tf.zeros([b], tf.int32)}
+
+
+def combined_log_probs(tables, row, step, prev2, prev, combine):
+    """The ensemble's next-token log-probabilities in NumPy: log of the mean probability, or the
+    mean log-probability renormalized (the searches normalize whatever a step returns)."""
+    member = np.stack([table.token_log_probs(row, step, prev2, prev) for table in tables])
+    if combine == "log_probabilities":
+        return log_softmax(member.mean(0))
+    return np.log(np.exp(member).mean(0))
+
+
+def brute_force_best(tables, row, max_length, combine):
+    """(log-probability, tokens) of the most likely hypothesis under the combination, over all of
+    them: ended by END, or cut at max_length."""
+    hypotheses = []
+
+    def extend(prefix, total, prev2, prev):
+        log_probs = combined_log_probs(tables, row, len(prefix), prev2, prev, combine)
+        for token in range(tables[0].vocab):
+            score = total + log_probs[token]
+            if token == END:
+                hypotheses.append((score, prefix))
+            elif len(prefix) + 1 == max_length:
+                hypotheses.append((score, prefix + [token]))
+            else:
+                extend(prefix + [token], score, prev, token)
+
+    extend([], 0.0, START, START)
+    return max(hypotheses, key=lambda hypothesis: hypothesis[0])
+
+
+@pytest.mark.parametrize("combine", ["probabilities", "log_probabilities"])
+def test_exhaustive_beam_over_two_tables_finds_the_brute_force_best_of_their_combination(combine):
+    tables = [FakeModel.random(seed=1), FakeModel.random(seed=2)]
+    ensemble = Ensemble([FakeMember(t) for t in tables], combine=combine)
+    max_length = 4
+    result = ensemble.generate([None, None], search="beam", max_length=max_length, beam_size=128)
+    for row in range(tables[0].batch_size):
+        score, tokens = brute_force_best(tables, row, max_length, combine)
+        length = int(result.lengths[row, 0])
+        got = result.ids[row, 0, :length].numpy().tolist()
+        assert got == tokens, (row, got, tokens)
+        np.testing.assert_allclose(result.log_probs[row, 0], score, atol=1e-4)
+
+
+def test_greedy_over_two_tables_takes_the_argmax_of_the_mean_probabilities():
+    tables = [FakeModel.random(seed=3), FakeModel.random(seed=4)]
+    result = Ensemble([FakeMember(t) for t in tables]).generate([None, None], max_length=6)
+    for row in range(tables[0].batch_size):
+        prev2, prev, tokens = START, START, []
+        while len(tokens) < 6:
+            token = int(np.argmax(combined_log_probs(tables, row, len(tokens), prev2, prev, "probabilities")))
+            tokens.append(token)
+            if token == END:
+                break
+            prev2, prev = prev, token
+        length = int(result.lengths[row, 0])
+        assert result.ids[row, 0, :length].numpy().tolist() == [t for t in tokens if t != END]
+
+
+def small_models():
+    keras.utils.set_random_seed(0)
+    rnn = build_rnn_model(20, 16, cell_type="lstm", units=16, bidirectional=True)
+    spec = ModelConfig(encoder_type="transformer", decoder_type="transformer", units=16, encoder_layers=1,
+                       decoder_layers=1, num_heads=2, ffn_dim=32)
+    transformer = build_model(spec, 16, 30)  # another source vocabulary: the source sides may differ
+    return rnn, transformer
+
+
+@pytest.fixture(scope="module")
+def models():
+    rnn, transformer = small_models()
+    rng = np.random.default_rng(0)
+    rnn_sources = rng.integers(4, 20, size=(3, 5)).astype(np.int32)
+    transformer_sources = rng.integers(4, 30, size=(3, 7)).astype(np.int32)  # other tokens, other lengths
+    return rnn, transformer, rnn_sources, transformer_sources
+
+
+@pytest.mark.parametrize("combine", ["probabilities", "log_probabilities"])
+@pytest.mark.parametrize("search, options", [("greedy", {}), ("beam", {"beam_size": 3, "n_best": 2})])
+def test_an_ensemble_of_a_model_with_itself_gives_the_models_own_output(models, combine, search, options):
+    for model, sources in ((models[0], models[2]), (models[1], models[3])):
+        alone = model.generate(sources, search=search, max_length=10, **options)
+        doubled = Ensemble([model, model], combine=combine).generate([sources, sources], search=search, max_length=10,
+                                                                     **options)
+        np.testing.assert_array_equal(doubled.ids, alone.ids)
+        np.testing.assert_allclose(doubled.scores, alone.scores, atol=1e-4)
+        np.testing.assert_allclose(doubled.attention, alone.attention, atol=1e-5)
+
+
+def test_an_rnn_and_a_transformer_decode_together_in_a_graph_with_a_prefix(models):
+    rnn, transformer, rnn_sources, transformer_sources = models
+    ensemble = Ensemble([rnn, transformer])
+    prefix = (tf.constant([[5, 6], [0, 0], [7, 0]]), tf.constant([2, 0, 1]))
+
+    @tf.function
+    def decode(first, second):
+        return ensemble.generate([first, second], search="beam", max_length=8, beam_size=3, prefix=prefix)
+
+    result = decode(rnn_sources, transformer_sources)
+    eager = ensemble.generate([rnn_sources, transformer_sources], search="beam", max_length=8, beam_size=3, prefix=prefix)
+    np.testing.assert_array_equal(result.ids, eager.ids)
+    assert result.ids[0, 0, :2].numpy().tolist() == [5, 6] and int(result.ids[2, 0, 0]) == 7
+    assert result.attention.shape[-1] == rnn_sources.shape[1]  # the first member's source positions
+
+
+def test_members_over_other_target_vocabularies_are_refused_naming_both():
+    keras.utils.set_random_seed(0)
+    first = build_rnn_model(20, 16, units=8)
+    second = build_rnn_model(20, 24, units=8)
+    with pytest.raises(ValueError, match="model 0 has 16 target tokens .* model 1 has 24"):
+        Ensemble([first, second])
+    with pytest.raises(ValueError, match="combine must be one of"):
+        Ensemble([first], combine="max")
+    with pytest.raises(ValueError, match="2 source batches for 1 ensemble members"):
+        Ensemble([first]).encode([None, None])
