@@ -234,11 +234,21 @@ def next_version(model_dir):
     return max(numbers, default=0) + 1
 
 
-def add_search_flags(parser, default_model, model_name, beam_size, length_penalty, batch_size, items):
+def add_search_flags(parser, default_model, model_name, beam_size, length_penalty, batch_size, items, ensembles=False):
     """The flags of the commands that decode with a model: which model and weights, the
-    search, and the batch of `items` ("sentences", "images") decoded at once."""
-    parser.add_argument("--model", default=str(default_model),
-                        help=f"SavedModel, TF Serving model dir or run dir (default: the shipped {model_name})")
+    search, and the batch of `items` ("sentences", "images") decoded at once. With `ensembles`,
+    --model may be repeated (args.model is then a list, None when not given)."""
+    if ensembles:
+        parser.add_argument("--model", action="append",
+                            help=f"SavedModel, TF Serving model dir or run dir; repeat it to decode with the ensemble "
+                                 f"of the models (one target vocabulary) (default: the shipped {model_name})")
+        parser.add_argument("--ensemble-combine", choices=("probabilities", "log_probabilities"),
+                            default="probabilities",
+                            help="how an ensemble averages its members' next-token distributions: the "
+                                 "probabilities, or the log-probabilities (default: probabilities)")
+    else:
+        parser.add_argument("--model", default=str(default_model),
+                            help=f"SavedModel, TF Serving model dir or run dir (default: the shipped {model_name})")
     parser.add_argument("--beam-size", type=beam_width, default=beam_size,
                         help=f"beam width, 1 to {MAX_BEAM_SIZE}; 1 is greedy search (default: {beam_size})")
     parser.add_argument("--length-penalty", type=finite_float, default=length_penalty,

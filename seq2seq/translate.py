@@ -30,6 +30,11 @@ def resolve_model(path):
 
 
 def load_translator(args):
+    """The translate function of --model, or the ensemble Translator of several --model."""
+    paths = args.model or [str(SHIPPED_MODEL)]
+    args.model = paths[0]  # what messages name
+    if len(paths) > 1:
+        return load_ensemble(args, paths)
     if args.replace_unknown or args.average_last or args.weights != "best":
         from seq2seq.tasks.translation.pipeline import TranslationRun
 
@@ -40,6 +45,30 @@ def load_translator(args):
         model = run.load_model(weights=args.weights, average_last=args.average_last)
         return run.translator(model, replace_unknown=args.replace_unknown)
     return resolve_model(args.model)
+
+
+def load_ensemble(args, paths):
+    """One in-process Translator of the models at `paths` (run dirs, or SavedModels this toolkit
+    exported), decoding with the average of their distributions (--ensemble-combine). --weights
+    and --average-last choose the weights of run dirs; SavedModels carry theirs."""
+    from seq2seq.tasks.translation.pipeline import TranslationRun, load_export
+    from seq2seq.tasks.translation.translator import Translator
+
+    members = []
+    for path in paths:
+        path = cli.model_path(path, "translation")
+        if (path / "saved_model.pb").is_file():
+            run, model = load_export(path)
+        elif is_run_dir(path):
+            run = TranslationRun.load(path)
+            model = run.load_model(weights=args.weights, average_last=args.average_last)
+        else:
+            raise cli.CommandError(f"{path}: neither a SavedModel nor a run directory")
+        members.append(run.translator(model, replace_unknown=args.replace_unknown))
+    try:
+        return Translator.ensemble(members, combine=args.ensemble_combine)
+    except ValueError as error:
+        raise cli.CommandError(f"--model {' --model '.join(map(str, paths))}: {error}") from None
 
 
 def command_train(args):
@@ -197,7 +226,7 @@ def command_export(args):
 
 def add_model_flags(parser):
     cli.add_search_flags(parser, SHIPPED_MODEL, "Multi30k En->De model", beam_size=5, length_penalty=0.6, batch_size=64,
-                         items="sentences")
+                         items="sentences", ensembles=True)
     parser.add_argument("--replace-unknown", action="store_true",
                         help="replace <unk> outputs by the most attended source word (run dirs only; default: off)")
     parser.add_argument("--average-last", type=cli.positive_int, metavar="N",

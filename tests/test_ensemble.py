@@ -139,3 +139,46 @@ def test_members_over_other_target_vocabularies_are_refused_naming_both():
         Ensemble([first], combine="max")
     with pytest.raises(ValueError, match="2 source batches for 1 ensemble members"):
         Ensemble([first]).encode([None, None])
+
+
+# Translation: Translator.ensemble and translate --model A --model B ---------------------------
+
+TEXTS = ["a man is riding a bike .", "the girl sees a ball .", "", "a dog likes the horse ."]
+
+
+def test_a_translator_ensemble_of_a_model_with_itself_translates_as_the_model(word_translator):
+    from seq2seq.tasks.translation.translator import Translator
+
+    ensemble = Translator.ensemble([word_translator, word_translator])
+    for beam_size in (1, 3):
+        search = (tf.constant(beam_size), tf.constant(1), tf.constant(0.6))
+        alone = word_translator.translate(tf.constant(TEXTS), *search)
+        both = ensemble.translate(tf.constant(TEXTS), *search)
+        assert both["translations"].numpy().tolist() == alone["translations"].numpy().tolist()
+        np.testing.assert_allclose(both["scores"], alone["scores"], atol=1e-4)
+    prefixed = ensemble.translate_with_prefix(tf.constant(TEXTS), tf.constant(["ein hund", "", "", "das"]), *search)
+    assert prefixed["translations"].numpy()[0].decode().startswith("ein hund")
+
+
+def test_cli_ensemble_of_a_run_dir_and_an_export_of_one_model_prints_its_translations(capsys, word_model):
+    from conftest import cli
+
+    run_dir, export_dir = word_model
+    assert cli("translate", "--model", export_dir, "--beam-size", 3, *TEXTS) == 0
+    alone = capsys.readouterr().out
+    assert cli("translate", "--model", run_dir, "--model", export_dir, "--beam-size", 3, *TEXTS) == 0
+    assert capsys.readouterr().out == alone
+    assert cli("translate", "--model", run_dir, "--model", export_dir, "--ensemble-combine", "log_probabilities",
+               "--beam-size", 3, *TEXTS) == 0
+    assert capsys.readouterr().out == alone
+
+
+def test_cli_ensemble_over_two_target_vocabularies_is_one_error_line(capsys, word_model, sentencepiece_model):
+    from conftest import cli
+
+    code = cli("translate", "--model", word_model[1], "--model", sentencepiece_model[1], TEXTS[0])
+    captured = capsys.readouterr()
+    assert code == 2
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith(f"error: --model {word_model[1]} --model {sentencepiece_model[1]}: ensemble members must "
+                           "share the target vocabulary: member 0 has"), line

@@ -7,6 +7,7 @@ and what `export` writes into the SavedModel, so both run the very same graph.
 import tensorflow as tf
 
 from seq2seq.decoding import max_length_from_source
+from seq2seq.ensemble import Ensemble
 from seq2seq.model import ExportedModel
 from seq2seq.text import PAD_ID, UNK
 
@@ -27,6 +28,9 @@ class Translator(tf.Module):
     `replace_unknown`, every unknown output token becomes the source token with the
     highest attention weight at that step (Luong et al., 2015, "Addressing the Rare Word
     Problem in Neural Machine Translation").
+
+    `Translator.ensemble` makes one Translator of several: each member tokenizes the source its
+    own way, and the search decodes with the average of their distributions.
     """
 
     def __init__(
@@ -43,20 +47,58 @@ class Translator(tf.Module):
         name=None,
     ):
         super().__init__(name=name)
-        self._exported = ExportedModel(model)
-        self.model_variables = self._exported.variables
-        self.source_tokenizer = source_tokenizer
+        self._members([ExportedModel(model)], [source_tokenizer], [source_vocab], [max_source_length])
         self.target_tokenizer = target_tokenizer
-        self.source_vocab = source_vocab
         self.target_vocab = target_vocab
-        self.max_source_length = max_source_length
         self.length_ratio = length_ratio
         self.length_offset = length_offset
         self.replace_unknown = replace_unknown
+        self.combine = "probabilities"
+
+    def _members(self, exported, source_tokenizers, source_vocabs, max_source_lengths):
+        self._exported = exported
+        self.model_variables = [variable for member in exported for variable in member.variables]
+        self.source_tokenizers = source_tokenizers
+        self.source_vocabs = source_vocabs
+        self.max_source_lengths = max_source_lengths
+        self.source_tokenizer, self.source_vocab = source_tokenizers[0], source_vocabs[0]
+        self.max_source_length = max_source_lengths[0]
+
+    @classmethod
+    def ensemble(cls, translators, combine="probabilities", name=None):
+        """One Translator over the models of `translators` (Translators of single models over one
+        target vocabulary; their source sides may differ), decoding with `Ensemble(combine)`.
+        Its source tokens, attention and replace_unknown are the first member's."""
+        translators = list(translators)
+        first = translators[0]
+        for index, other in enumerate(translators[1:], start=1):
+            if other.target_vocab.tokens != first.target_vocab.tokens:
+                raise ValueError(
+                    f"ensemble members must share the target vocabulary: member 0 has {len(first.target_vocab)} "
+                    f"target tokens, member {index} {len(other.target_vocab)}"
+                    + (" (the same number, different tokens)" if len(other.target_vocab) == len(first.target_vocab) else "")
+                )
+        Ensemble([t.model for t in translators], combine)  # checks the models and `combine` now
+        ensemble = cls(first.model, first.source_tokenizer, first.target_tokenizer, first.source_vocab,
+                       first.target_vocab, first.max_source_length, first.length_ratio, first.length_offset,
+                       first.replace_unknown, name=name)
+        ensemble._members(
+            [member for t in translators for member in t._exported],
+            [side for t in translators for side in t.source_tokenizers],
+            [side for t in translators for side in t.source_vocabs],
+            [side for t in translators for side in t.max_source_lengths],
+        )
+        ensemble.combine = combine
+        return ensemble
 
     @property
     def model(self):
-        return self._exported.model
+        """The (first) model."""
+        return self._exported[0].model
+
+    @property
+    def models(self):
+        return [member.model for member in self._exported]
 
     @tf.function(input_signature=[TEXT_SPEC, *SEARCH_SPECS])
     def translate(self, texts, beam_size, n_best, length_penalty):
@@ -80,26 +122,27 @@ class Translator(tf.Module):
         return self._translate(texts, beam_size, n_best, length_penalty, prefix)
 
     def _translate(self, texts, beam_size, n_best, length_penalty, prefix=None):
-        source_tokens = self.source_tokenizer.tokenize(texts)  # ragged [N, None]
-        truncated = source_tokens.row_lengths() > self.max_source_length
-        source_tokens = source_tokens[:, : self.max_source_length]
-        source_ids = self.source_vocab.lookup_ids(source_tokens).to_tensor(PAD_ID)  # [N, S]
-        dense_tokens = source_tokens.to_tensor("")  # [N, S]
-        # S >= 1 even when every text is empty (the encoder cannot run zero time steps); empty
-        # rows are then all padding, as they are next to non-empty rows.
-        missing = [[0, 0], [0, tf.maximum(1 - tf.shape(source_ids)[1], 0)]]
-        source_ids = tf.pad(source_ids, missing, constant_values=PAD_ID)
-        dense_tokens = tf.pad(dense_tokens, missing, constant_values="")
-        source_lengths = tf.cast(source_tokens.row_lengths(), tf.int32)
+        sides = [
+            self._source_ids(texts, tokenizer, vocab, limit)
+            for tokenizer, vocab, limit in zip(self.source_tokenizers, self.source_vocabs, self.max_source_lengths)
+        ]
+        source_ids, dense_tokens, source_lengths, truncated = sides[0]
         max_length = max_length_from_source(source_lengths, self.length_ratio, self.length_offset)
+        for _, _, lengths, cut in sides[1:]:
+            max_length = tf.maximum(max_length, max_length_from_source(lengths, self.length_ratio, self.length_offset))
+            truncated |= cut
+        if len(sides) == 1:
+            searcher, sources = self.model, source_ids
+        else:
+            searcher, sources = Ensemble(self.models, self.combine), [side[0] for side in sides]
 
         def greedy():
-            return tuple(self.model.generate(source_ids, search="greedy", max_length=max_length, prefix=prefix))
+            return tuple(searcher.generate(sources, search="greedy", max_length=max_length, prefix=prefix))
 
         def beam():
             return tuple(
-                self.model.generate(
-                    source_ids, search="beam", max_length=max_length, beam_size=beam_size,
+                searcher.generate(
+                    sources, search="beam", max_length=max_length, beam_size=beam_size,
                     n_best=n_best, length_penalty=length_penalty, prefix=prefix,
                 )
             )
@@ -134,6 +177,22 @@ class Translator(tf.Module):
             "attention": attention[:, 0],
             "source_truncated": truncated,
         }
+
+    @staticmethod
+    def _source_ids(texts, tokenizer, vocab, max_source_length):
+        """texts [N] -> (ids [N, S] padded, tokens [N, S] padded with "", lengths [N], truncated [N])
+        in one member's source tokenization, cut at its `max_source_length`."""
+        source_tokens = tokenizer.tokenize(texts)  # ragged [N, None]
+        truncated = source_tokens.row_lengths() > max_source_length
+        source_tokens = source_tokens[:, :max_source_length]
+        source_ids = vocab.lookup_ids(source_tokens).to_tensor(PAD_ID)  # [N, S]
+        dense_tokens = source_tokens.to_tensor("")  # [N, S]
+        # S >= 1 even when every text is empty (the encoder cannot run zero time steps); empty
+        # rows are then all padding, as they are next to non-empty rows.
+        missing = [[0, 0], [0, tf.maximum(1 - tf.shape(source_ids)[1], 0)]]
+        source_ids = tf.pad(source_ids, missing, constant_values=PAD_ID)
+        dense_tokens = tf.pad(dense_tokens, missing, constant_values="")
+        return source_ids, dense_tokens, tf.cast(source_tokens.row_lengths(), tf.int32), truncated
 
     def serving_function(self, beam_size=5, length_penalty=0.6):
         """The `serving_default` signature: texts [N] -> translations [N] and scores [N]."""
