@@ -195,20 +195,38 @@ def command_evaluate(args):
 
 
 def command_export(args):
-    from seq2seq.tasks.translation.pipeline import TranslationRun, export
+    from seq2seq.tasks.translation.pipeline import export
 
-    if bool(args.run_dir) == bool(args.from_model):
-        raise cli.CommandError("give either --run-dir (a training run) or --from-model (a SavedModel to export again)")
-    if args.from_model:
-        from seq2seq.tasks.translation.pipeline import load_export
+    run_dirs, from_models = args.run_dir or [], args.from_model or []
+    if not run_dirs and not from_models:
+        raise cli.CommandError("give --run-dir (a training run) or --from-model (a SavedModel to export again); "
+                               "repeat them to export an ensemble")
+    if from_models and (args.average_last or args.weights != "best" or args.quantize == "int8"):
+        raise cli.CommandError("--from-model keeps the export's weights as they are (or makes them bf16): "
+                               "drop --average-last, --weights and --quantize int8")
+    members = [export_member(args, "run_dir", path) for path in run_dirs]
+    members += [export_member(args, "from_model", path) for path in from_models]
+    (run, model), ensemble = members[0], members[1:]
+    try:
+        cli.write_export(
+            lambda path: export(run, model, path, args.beam_size, args.length_penalty, args.replace_unknown,
+                                ensemble=ensemble, combine=args.ensemble_combine),
+            args.output, args.version,
+        )
+    except ValueError as error:  # members over different target vocabularies
+        raise cli.CommandError(f"{' '.join(map(str, run_dirs + from_models))}: {error}") from None
 
-        if args.average_last or args.weights != "best" or args.quantize == "int8":
-            raise cli.CommandError("--from-model keeps the export's weights as they are (or makes them bf16): "
-                                   "drop --average-last, --weights and --quantize int8")
-        run, model = load_export(cli.model_path(args.from_model, "translation"))
+
+def export_member(args, kind, path):
+    """(run, model) of one model to export: a training run's chosen weights, or a SavedModel's,
+    quantized as --quantize says."""
+    from seq2seq.tasks.translation.pipeline import TranslationRun, load_export
+
+    if kind == "from_model":
+        run, model = load_export(cli.model_path(path, "translation"))
     else:
-        cli.check_model_task(args.run_dir, "translation")
-        run = TranslationRun.load(args.run_dir)
+        cli.check_model_task(path, "translation")
+        run = TranslationRun.load(path)
         model = run.load_model(weights=args.weights, average_last=args.average_last)
     if args.quantize == "int8":
         from seq2seq.model import quantize_weights
@@ -218,10 +236,7 @@ def command_export(args):
         from seq2seq.model import bfloat16_model
 
         model = bfloat16_model(model, run.build_model)
-    cli.write_export(
-        lambda path: export(run, model, path, args.beam_size, args.length_penalty, args.replace_unknown),
-        args.output, args.version,
-    )
+    return run, model
 
 
 def add_model_flags(parser):
@@ -272,10 +287,15 @@ def build_parser():
         commands, "serving_default: texts -> translations, scores (beam search in the graph).", "translation",
         beam_size=5, length_penalty=0.6, handler=command_export,
     )
-    export.add_argument("--run-dir", help="the training run to export (default: none, give it or --from-model)")
-    export.add_argument("--from-model", metavar="SAVEDMODEL",
+    export.add_argument("--run-dir", action="append",
+                        help="the training run to export; repeated (or with --from-model), the ensemble of the "
+                             "models, run dirs first, in one SavedModel (default: none, give it or --from-model)")
+    export.add_argument("--from-model", metavar="SAVEDMODEL", action="append",
                         help="instead of a run: a SavedModel this toolkit exported, written again with the current "
                              "(faster) graph; same weights, int8 stays int8 (default: none)")
+    export.add_argument("--ensemble-combine", choices=("probabilities", "log_probabilities"), default="probabilities",
+                        help="how an exported ensemble averages its members' next-token distributions "
+                             "(default: probabilities)")
     export.add_argument("--replace-unknown", action="store_true",
                         help="replace <unk> outputs by the most attended source word (default: off)")
     export.add_argument("--average-last", type=cli.positive_int, metavar="N",

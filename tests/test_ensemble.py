@@ -182,3 +182,77 @@ def test_cli_ensemble_over_two_target_vocabularies_is_one_error_line(capsys, wor
     [line] = captured.err.strip().splitlines()
     assert line.startswith(f"error: --model {word_model[1]} --model {sentencepiece_model[1]}: ensemble members must "
                            "share the target vocabulary: member 0 has"), line
+
+
+ENSEMBLE_SERVE = """
+import json, sys
+import tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+out = model.signatures["serving_default"](texts=tf.constant(json.loads(sys.argv[2])))
+prefixed = model.signatures["translate_with_prefix"](
+    texts=tf.constant(json.loads(sys.argv[2])), prefixes=tf.constant(json.loads(sys.argv[3])),
+    beam_size=tf.constant(3), n_best=tf.constant(1), length_penalty=tf.constant(0.6))
+print(json.dumps({"translations": [t.decode() for t in out["translations"].numpy()],
+                  "prefixed": [t.decode() for t in prefixed["translations"].numpy()]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def ensemble_export(tmp_path_factory, word_model):
+    from conftest import cli
+
+    directory = tmp_path_factory.mktemp("ensemble_export")
+    assert cli("export", "--run-dir", word_model[0], "--run-dir", word_model[0], "--output", directory,
+               "--version", 1) == 0
+    return directory / "1"
+
+
+def test_an_exported_ensemble_serves_in_a_fresh_process_as_in_process_and_passes_the_op_check(
+    ensemble_export, word_translator
+):
+    import json
+    import subprocess
+    import sys
+
+    from seq2seq import serving_check
+    from seq2seq.tasks.translation.translator import Translator
+
+    prefixes = ["ein hund", "", "", "das"]
+    completed = subprocess.run([sys.executable, "-I", "-c", ENSEMBLE_SERVE, str(ensemble_export), json.dumps(TEXTS),
+                                json.dumps(prefixes)], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    served = json.loads(completed.stdout.strip().splitlines()[-1])
+    in_process = Translator.ensemble([word_translator, word_translator])
+    search = (tf.constant(5), tf.constant(1), tf.constant(0.6))
+    expected = in_process.translate(tf.constant(TEXTS), *search)["translations"].numpy()
+    assert served["translations"] == [t.decode() for t in expected]
+    alone = word_translator.translate(tf.constant(TEXTS), *search)["translations"].numpy()
+    assert served["translations"] == [t.decode() for t in alone]  # a model with itself: the model
+    forced = in_process.translate_with_prefix(tf.constant(TEXTS), tf.constant(prefixes), tf.constant(3), tf.constant(1),
+                                              tf.constant(0.6))
+    assert served["prefixed"] == [t.decode() for t in forced["translations"].numpy()]
+    assert "OK: only stock TensorFlow ops" in serving_check.format_report(serving_check.serving_op_report(ensemble_export))
+    members = json.loads((ensemble_export / "assets.extra" / "ensemble.json").read_text())
+    assert members == {"members": 2, "combine": "probabilities"}
+    assert (ensemble_export / "assets.extra" / "members" / "1" / "target.vocab").is_file()
+
+
+def test_an_exported_ensemble_is_not_taken_as_one_model(capsys, ensemble_export, tmp_path):
+    from conftest import cli
+
+    code = cli("export", "--from-model", ensemble_export, "--output", tmp_path / "again")
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "an exported ensemble" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_exporting_an_ensemble_over_two_target_vocabularies_is_one_error_line(capsys, word_model, sentencepiece_model,
+                                                                               tmp_path):
+    from conftest import cli
+
+    code = cli("export", "--run-dir", word_model[0], "--run-dir", sentencepiece_model[0], "--output", tmp_path / "x")
+    captured = capsys.readouterr()
+    assert code == 2
+    [line] = captured.err.strip().splitlines()
+    assert "ensemble members must share the target vocabulary" in line
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

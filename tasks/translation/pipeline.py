@@ -16,6 +16,7 @@ directory; the other workers read it, so it must be on storage every worker sees
 
 import dataclasses
 import itertools
+import json
 import shutil
 import time
 from pathlib import Path
@@ -363,22 +364,46 @@ def _train(config, precision_note, validation_bleu, callbacks):
     return run, model
 
 
-def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unknown=False):
+def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unknown=False, ensemble=(),
+           combine="probabilities"):
     """Writes a SavedModel with `serving_default` (texts -> translations, scores; beam search
     inside), `translate` (texts, beam_size, n_best, length_penalty -> everything) and
-    `translate_with_prefix` (the same with a target prefix a text)."""
+    `translate_with_prefix` (the same with a target prefix a text).
+
+    `ensemble`: more (run, model) pairs; the SavedModel then decodes with the ensemble of all
+    (`Translator.ensemble(combine)`, one target vocabulary) and keeps every member's config and
+    vocabularies in assets.extra/members/N/ beside the first member's own."""
     translator = run.translator(model, replace_unknown=replace_unknown)
+    if ensemble:
+        members = [translator, *(member_run.translator(member) for member_run, member in ensemble)]
+        translator = Translator.ensemble(members, combine)
     signatures = {
         "serving_default": translator.serving_function(beam_size, length_penalty),
         "translate": translator.translate,
         "translate_with_prefix": translator.translate_with_prefix,
     }
     extra = save_export(translator, export_dir, signatures, run.config)
-    for side, tokenizer, vocab in (("source", run.source_tokenizer, run.source_vocab), ("target", run.target_tokenizer, run.target_vocab)):
-        vocab.save(extra / f"{side}.vocab")
-        if isinstance(tokenizer, SentencePieceTokenizer):
-            tokenizer.save(extra / f"{side}.spm")
+    save_tokenization(run, extra)
+    if ensemble:
+        for index, (member_run, _) in enumerate([(run, model), *ensemble]):
+            member_dir = extra / ENSEMBLE_MEMBERS / str(index)
+            member_dir.mkdir(parents=True)
+            member_run.config.save(member_dir / RUN_CONFIG)
+            save_tokenization(member_run, member_dir)
+        (extra / ENSEMBLE_FILE).write_text(json.dumps({"members": len(ensemble) + 1, "combine": combine}) + "\n")
     return Path(export_dir)
+
+
+ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_MEMBERS = "members"
+
+
+def save_tokenization(run, directory):
+    """The run's vocabularies (and SentencePiece models) into `directory`, as exports carry them."""
+    for side, tokenizer, vocab in (("source", run.source_tokenizer, run.source_vocab), ("target", run.target_tokenizer, run.target_vocab)):
+        vocab.save(directory / f"{side}.vocab")
+        if isinstance(tokenizer, SentencePieceTokenizer):
+            tokenizer.save(directory / f"{side}.spm")
 
 
 def load_export(export_dir):
@@ -392,6 +417,11 @@ def load_export(export_dir):
     extra = export_dir / "assets.extra"
     if not (extra / RUN_CONFIG).is_file():
         raise DataError(f"{export_dir}: not a translation SavedModel exported by seq2seq (no assets.extra/config.yaml)")
+    if (extra / ENSEMBLE_FILE).is_file():
+        raise DataError(
+            f"{export_dir}: an exported ensemble; translate with it as it is, or export its members again from "
+            "their run dirs (--from-model takes single-model exports)"
+        )
     config = TranslationConfig.load(extra / RUN_CONFIG)
     carried = all((extra / f"{side}.spm").is_file() for side in ("source", "target"))
     if config.tokenization.scheme == "sentencepiece" and not carried:
