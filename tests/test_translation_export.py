@@ -272,7 +272,7 @@ def test_export_from_model_refuses_what_it_cannot_keep(word_model, tmp_path, cap
     from conftest import cli
 
     assert cli("export", "--output", tmp_path) == 2
-    assert "give either --run-dir" in capsys.readouterr().err
+    assert "give --run-dir (a training run) or --from-model" in capsys.readouterr().err
     assert cli("export", "--from-model", word_model[1], "--quantize", "int8", "--output", tmp_path) == 2
     assert "--from-model keeps the export's weights" in capsys.readouterr().err
     assert cli("export", "--from-model", tmp_path, "--output", tmp_path / "x") == 2
