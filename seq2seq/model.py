@@ -8,7 +8,6 @@ from keras import ops
 
 from seq2seq import decoding
 
-SEARCHES = decoding.SEARCHES
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
