@@ -9,7 +9,6 @@ from keras import ops
 from seq2seq import decoding
 
 
-
 @keras.saving.register_keras_serializable(package="seq2seq")
 class Seq2SeqModel(keras.Model):
     """Encoder + bridge + decoder, trained with teacher forcing and decoded with `generate`.
