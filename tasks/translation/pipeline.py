@@ -275,8 +275,7 @@ def make_batches(run, sources, targets, shuffle, report_name):
     target_ids = encode_all(run.target_tokenizer, run.target_vocab, targets)
     source_lengths = source_ids.row_lengths().numpy()
     target_lengths = target_ids.row_lengths().numpy()
-    kept = kept_pairs(run.config, source_lengths, target_lengths, report_name)
-    plan = batch_plan(run.config, np.maximum(source_lengths[kept], target_lengths[kept] + 1), shuffle)
+    kept, plan = planned_pairs(run.config, source_lengths, target_lengths, shuffle, report_name)
     return sequence_batches(
         tf.gather(source_ids, kept), tf.gather(target_ids, kept), plan, pad_to_multiple=run.config.batching.pad_to_multiple
     )
@@ -287,9 +286,16 @@ def corpus_training_batches(run, corpus, report_name="train"):
     dropping over-long and empty pairs (reported): the same batches `make_batches` makes
     of the same pairs."""
     source_lengths, target_lengths = corpus.lengths("source"), corpus.lengths("target")
-    kept = kept_pairs(run.config, source_lengths, target_lengths, report_name)
-    plan = batch_plan(run.config, np.maximum(source_lengths[kept], target_lengths[kept] + 1), shuffle=True)
+    kept, plan = planned_pairs(run.config, source_lengths, target_lengths, True, report_name)
     return corpus_batches(corpus, kept, plan, pad_to_multiple=run.config.batching.pad_to_multiple)
+
+
+def planned_pairs(config, source_lengths, target_lengths, shuffle, report_name):
+    """(kept, plan): the pairs batched (within the length limits and not empty) and the plan of
+    their batches, from their lengths alone (a pair's length: its source, or its target with
+    the start token)."""
+    kept = kept_pairs(config, source_lengths, target_lengths, report_name)
+    return kept, batch_plan(config, np.maximum(source_lengths[kept], target_lengths[kept] + 1), shuffle)
 
 
 def kept_pairs(config, source_lengths, target_lengths, report_name):
