@@ -108,3 +108,18 @@ def test_cli_prefix_file_with_a_model_exported_before_prefixes_says_how_to_re_ex
     assert code == 2
     [line] = captured.err.strip().splitlines()
     assert "no translate_with_prefix signature" in line and "export --from-model" in line
+
+
+def test_a_reloaded_sentencepiece_export_tokenizes_each_side_with_its_own_model(sentencepiece_model):
+    """Source and target SentencePiece models differ; the reloaded graph must not swap or share
+    them (it once tokenized the source with the target model once the target side also tokenized)."""
+    from seq2seq.tasks.translation.pipeline import TranslationRun
+
+    run = TranslationRun.load(sentencepiece_model[0])
+    in_process = run.translator(run.load_model())
+    loaded = tf.saved_model.load(str(sentencepiece_model[1]))
+    search = (tf.constant(3), tf.constant(1), tf.constant(0.6))
+    expected = in_process.translate(tf.constant(TEXTS), *search)
+    served = loaded.translate(tf.constant(TEXTS), *search)
+    np.testing.assert_array_equal(served["source_tokens"], expected["source_tokens"])
+    assert decode(served["translations"]) == decode(expected["translations"])

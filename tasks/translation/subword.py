@@ -5,6 +5,7 @@ tensorflow-text ops load it); detokenizing is plain string ops: pieces are joine
 word-boundary mark becomes a space.
 """
 
+import hashlib
 import io
 import itertools
 from pathlib import Path
@@ -69,7 +70,12 @@ class SentencePieceTokenizer(tf.Module):
         import tensorflow_text
 
         self.model_bytes = model_bytes
-        self._tokenizer = tensorflow_text.SentencepieceTokenizer(model=model_bytes, out_type=tf.string)
+        # A name of its own per model: resources created under one name made a restored
+        # SavedModel that runs two models share one (the source tokenized with the target model).
+        digest = hashlib.sha256(model_bytes).hexdigest()[:16]
+        self._tokenizer = tensorflow_text.SentencepieceTokenizer(
+            model=model_bytes, out_type=tf.string, name=f"sentencepiece_{digest}"
+        )
 
     @classmethod
     def load(cls, path):

@@ -56,13 +56,24 @@ class Translator(tf.Module):
         self.combine = "probabilities"
 
     def _members(self, exported, source_tokenizers, source_vocabs, max_source_lengths):
+        """The models and their source sides: the first member's in the attributes a single
+        model has always had (a SavedModel's object graph unchanged), the others' in lists."""
         self._exported = exported
         self.model_variables = [variable for member in exported for variable in member.variables]
-        self.source_tokenizers = source_tokenizers
-        self.source_vocabs = source_vocabs
-        self.max_source_lengths = max_source_lengths
         self.source_tokenizer, self.source_vocab = source_tokenizers[0], source_vocabs[0]
         self.max_source_length = max_source_lengths[0]
+        if len(exported) > 1:
+            self.other_source_tokenizers = source_tokenizers[1:]
+            self.other_source_vocabs = source_vocabs[1:]
+            self.other_max_source_lengths = max_source_lengths[1:]
+
+    @property
+    def source_sides(self):
+        """(tokenizer, vocabulary, max_source_length) of every member, the first first."""
+        sides = [(self.source_tokenizer, self.source_vocab, self.max_source_length)]
+        if len(self._exported) > 1:
+            sides += zip(self.other_source_tokenizers, self.other_source_vocabs, self.other_max_source_lengths)
+        return sides
 
     @classmethod
     def ensemble(cls, translators, combine="probabilities", name=None):
@@ -82,11 +93,10 @@ class Translator(tf.Module):
         ensemble = cls(first.model, first.source_tokenizer, first.target_tokenizer, first.source_vocab,
                        first.target_vocab, first.max_source_length, first.length_ratio, first.length_offset,
                        first.replace_unknown, name=name)
+        sides = [side for t in translators for side in t.source_sides]
         ensemble._members(
             [member for t in translators for member in t._exported],
-            [side for t in translators for side in t.source_tokenizers],
-            [side for t in translators for side in t.source_vocabs],
-            [side for t in translators for side in t.max_source_lengths],
+            [tokenizer for tokenizer, _, _ in sides], [vocab for _, vocab, _ in sides], [limit for _, _, limit in sides],
         )
         ensemble.combine = combine
         return ensemble
@@ -122,10 +132,7 @@ class Translator(tf.Module):
         return self._translate(texts, beam_size, n_best, length_penalty, prefix)
 
     def _translate(self, texts, beam_size, n_best, length_penalty, prefix=None):
-        sides = [
-            self._source_ids(texts, tokenizer, vocab, limit)
-            for tokenizer, vocab, limit in zip(self.source_tokenizers, self.source_vocabs, self.max_source_lengths)
-        ]
+        sides = [self._source_ids(texts, tokenizer, vocab, limit) for tokenizer, vocab, limit in self.source_sides]
         source_ids, dense_tokens, source_lengths, truncated = sides[0]
         max_length = max_length_from_source(source_lengths, self.length_ratio, self.length_offset)
         for _, _, lengths, cut in sides[1:]:
