@@ -16,7 +16,7 @@ import tensorflow as tf
 from conftest import OWN_PEAK_RSS, PROJECT_ROOT, TINY_MODEL, cli, toy_pairs, write_lines
 from seq2seq import corpus as corpus_module
 from seq2seq.corpus import Corpus, file_fingerprint, padded_rows, read_manifest
-from seq2seq.text import Vocabulary, encode_all, tokenize_all
+from seq2seq.text import DataError, Vocabulary, encode_all, tokenize_all
 from seq2seq.tasks.translation.config import TranslationConfig
 from seq2seq.tasks.translation.pipeline import (
     CORPUS_DIR, TranslationRun, corpus_training_batches, make_batches, prepare_corpus,
@@ -34,6 +34,7 @@ def pairs_with_rare_words(count, seed=0):
 
 
 def config_for(tmp_path, sources, targets, **sections):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     paths = [write_lines(tmp_path / "train.en", sources), write_lines(tmp_path / "train.de", targets)]
     values = {"data": {"train_source": str(paths[0]), "train_target": str(paths[1]), "max_source_length": 12},
               "training": {"output_dir": str(tmp_path / "run"), "seed": 3}, "batching": {"batch_size": 8}}
@@ -129,6 +130,46 @@ def test_joint_sentencepiece_is_one_model_for_both_sides(tmp_path):
     assert run.source_vocab.tokens == run.target_vocab.tokens
     pieces = run.source_vocab.tokens
     assert any("ä" in piece for piece in pieces) and any("y" in piece for piece in pieces)  # German, English only
+
+
+def test_a_run_takes_the_vocabularies_of_another_run_or_of_its_export(tmp_path):
+    """vocabularies_from: the new run tokenizes and encodes with the other run's SentencePiece
+    models and vocabularies (what ensemble members need), from a run dir or an export."""
+    sources, targets = pairs_with_rare_words(100)
+    tokenization = {"scheme": "sentencepiece", "source_vocab_size": 60, "target_vocab_size": 70}
+    first = TranslationRun.create(config_for(tmp_path / "a", sources, targets, tokenization=tokenization))
+    export_extra = tmp_path / "export" / "assets.extra"
+    export_extra.mkdir(parents=True)
+    for name in TranslationRun.FILES:
+        (export_extra / name).write_bytes((first.run_dir / name).read_bytes())
+    other_sources, other_targets = toy_pairs(40, seed=5)
+    for origin in (first.run_dir, tmp_path / "export"):
+        config = config_for(tmp_path / origin.name, other_sources, other_targets, tokenization={
+            "scheme": "sentencepiece", "source_vocab_size": 500, "vocabularies_from": str(origin)})
+        run = TranslationRun.create(config)
+        for name in TranslationRun.FILES:
+            assert (run.run_dir / name).read_bytes() == (first.run_dir / name).read_bytes(), name
+        assert len(run.source_vocab) == len(first.source_vocab) and len(run.target_vocab) == len(first.target_vocab)
+        corpus = Corpus.open(run.run_dir / CORPUS_DIR)
+        expected = encode_all(first.target_tokenizer, first.target_vocab, other_targets[:1]).to_list()[0]
+        assert corpus.sentence("target", 0).tolist() == expected
+        assert TranslationRun.load(run.run_dir).target_vocab.tokens == first.target_vocab.tokens
+
+
+def test_vocabularies_from_is_checked_against_the_scheme_and_joint_vocabulary(tmp_path):
+    sources, targets = pairs_with_rare_words(60)
+    first = TranslationRun.create(config_for(tmp_path / "a", sources, targets))
+    cases = [
+        ({"vocabularies_from": str(tmp_path / "nowhere")}, "no source.vocab and target.vocab there"),
+        ({"vocabularies_from": str(first.run_dir), "scheme": "sentencepiece"},
+         "holds word-scheme vocabularies but the scheme is sentencepiece: use --scheme word"),
+        ({"vocabularies_from": str(first.run_dir), "joint_vocabulary": True}, "has two different vocabularies"),
+    ]
+    for index, (tokenization, message) in enumerate(cases):
+        config = config_for(tmp_path / str(index), sources, targets, tokenization=tokenization)
+        with pytest.raises(DataError, match=message):
+            TranslationRun.create(config)
+        assert not (tmp_path / str(index) / "run" / CORPUS_DIR).exists()
 
 
 def test_joint_vocabulary_and_shared_embeddings_are_checked_in_the_config(tmp_path):

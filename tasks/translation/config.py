@@ -82,6 +82,11 @@ class TokenizationConfig:
         False, "one vocabulary (one SentencePiece model) for both sides, built from source and target text together "
         "(needs source_vocab_size == target_vocab_size; what model.share_embeddings needs)",
     )
+    vocabularies_from: str | None = option(
+        None, "use the vocabularies (and SentencePiece models) of this run directory or exported SavedModel "
+        "instead of building new ones: what ensemble members need, one target vocabulary; the vocabulary "
+        "sizes are then theirs", if_none="built from the training data",
+    )
 
     def __post_init__(self):
         check_choices(self, "tokenization ")

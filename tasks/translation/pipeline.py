@@ -130,6 +130,12 @@ def _encode_training_data(run_dir, corpus_dir, config, run):
     vocabs = None
     if run is not None:
         tokenizers, vocabs = [run.source_tokenizer, run.target_tokenizer], [run.source_vocab, run.target_vocab]
+    elif t.vocabularies_from:
+        tokenizers, vocabs = tokenization_from(t.vocabularies_from, config)
+        log(f"using the vocabularies of {t.vocabularies_from}: {len(vocabs[0])} source, {len(vocabs[1])} target tokens")
+        for side, tokenizer in zip(SIDES, tokenizers):
+            if isinstance(tokenizer, SentencePieceTokenizer):
+                tokenizer.save(corpus_dir / f"{side}.spm")
     elif t.scheme == "sentencepiece":
         sides = [("joint", lambda: itertools.chain(lines["source"](), lines["target"]()), t.source_vocab_size)] \
             if t.joint_vocabulary else [("source", lines["source"], t.source_vocab_size),
@@ -174,6 +180,34 @@ def _encode_training_data(run_dir, corpus_dir, config, run):
         f"tokens; {corpus.size_on_disk() / 2**20:,.1f} MiB in {corpus_dir}) in {time.monotonic() - started:.0f} s"
     )
     return run or TranslationRun(run_dir, config, *tokenizers, *vocabs)
+
+
+def tokenization_from(path, config):
+    """The tokenizers and vocabularies of another run directory or exported SavedModel (its
+    assets.extra), for `tokenization.vocabularies_from`; checked against the config's scheme
+    and joint_vocabulary."""
+    path = Path(path)
+    directory = path / "assets.extra" if (path / "assets.extra" / "source.vocab").is_file() else path
+    if not all((directory / f"{side}.vocab").is_file() for side in SIDES):
+        raise DataError(
+            f"tokenization vocabularies_from {path}: no source.vocab and target.vocab there; give a run directory "
+            "or a SavedModel exported by this toolkit"
+        )
+    has_models = all((directory / f"{side}.spm").is_file() for side in SIDES)
+    scheme = config.tokenization.scheme
+    if has_models != (scheme == "sentencepiece"):
+        wanted = "sentencepiece" if has_models else "word"
+        raise DataError(
+            f"tokenization vocabularies_from {path} holds {wanted}-scheme vocabularies but the scheme is {scheme}: "
+            f"use --scheme {wanted}"
+        )
+    run = TranslationRun.from_files(path, directory, config)
+    if config.tokenization.joint_vocabulary and run.source_vocab.tokens != run.target_vocab.tokens:
+        raise DataError(
+            f"tokenization vocabularies_from {path} has two different vocabularies, but joint_vocabulary asks for one: "
+            "drop --joint-vocabulary (and share_embeddings), or give a run that has one joint vocabulary"
+        )
+    return [run.source_tokenizer, run.target_tokenizer], [run.source_vocab, run.target_vocab]
 
 
 def vocabulary_hashes(directory):
