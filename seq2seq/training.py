@@ -733,14 +733,17 @@ def _pad_time(x, multiple):
     return tf.pad(x, paddings)
 
 
-def sequence_batches(sources, targets, plan_fn, start_id=2, end_id=3, pad_to_multiple=1, source_index=None):
+def sequence_batches(sources, targets, plan_fn, start_id=2, end_id=3, pad_to_multiple=1, source_index=None,
+                     augment_sources=None):
     """PlannedBatches for teacher forcing.
 
     sources: a tf.RaggedTensor of token ids [num_sources, None] (padded with 0 in a batch),
     or a dense tensor [num_sources, ...] (e.g. images or image features); targets: a
     tf.RaggedTensor of token ids [num_examples, None] without start/end tokens; source_index:
     int [num_examples], the source row of each example (default: row i for example i), so
-    that an image with five captions is stored once. Batches are
+    that an image with five captions is stored once; augment_sources: None, or a function
+    (batch sources, example indices) -> batch sources that changes them at random (training-time
+    augmentation; drawing from the indices keeps a resumed run's batches exact). Batches are
     ({"source", "target_in": <s> y}, target_out: y </s>).
     """
     targets = tf.cast(targets, tf.int32)
@@ -756,6 +759,8 @@ def sequence_batches(sources, targets, plan_fn, start_id=2, end_id=3, pad_to_mul
         source = tf.gather(sources, indices if source_index is None else tf.gather(source_index, indices))
         if isinstance(source, tf.RaggedTensor):
             source = _pad_time(source.to_tensor(0), pad_to_multiple)
+        if augment_sources is not None:
+            source = augment_sources(source, indices)
         return {"source": source, "target_in": target_in}, target_out
 
     return PlannedBatches(plan_fn, make_batch, target_lengths=targets.row_lengths().numpy() + 1)

@@ -48,17 +48,31 @@ def test_same_seed_gives_identical_scenes_and_other_seeds_differ():
     assert first[0].image.tobytes() != other[0].image.tobytes()
 
 
-@pytest.mark.parametrize("image_size", [32, 64, 224])
+@pytest.mark.parametrize("image_size", [32, 64, 224, (64, 96), (96, 64), (224, 32)])
 def test_image_format_and_object_count(image_size):
+    width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
     for scene in generate_scenes(60, 1, image_size):
-        assert scene.image.shape == (image_size, image_size, 3) and scene.image.dtype == np.uint8
+        assert scene.image.shape == (height, width, 3) and scene.image.dtype == np.uint8
         assert 1 <= len(scene.objects) <= 3
         for obj in scene.objects:
             x0, y0, x1, y1 = obj.box
-            assert 0 <= x0 < x1 <= image_size and 0 <= y0 < y1 <= image_size
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+            assert x1 - x0 == y1 - y0 == shapes._side(obj.size, min(width, height))
 
 
-@pytest.mark.parametrize("image_size", [16, 300])
+@pytest.mark.parametrize("image_size", [(64, 96), (96, 64)])
+def test_scenes_of_other_aspect_ratios_keep_captions_true_to_the_pixels(image_size):
+    for scene in generate_scenes(80, 2, image_size):
+        for obj in scene.objects:
+            mask = np.all(scene.image == COLOURS[obj.colour], axis=-1)
+            x0, y0, x1, y1 = obj.box
+            assert mask[y0:y1, x0:x1].sum() == mask.sum() > 0
+        mentions, relations = parse_canonical(scene.captions[0])
+        assert [(o.size, o.colour, o.shape) for o in scene.objects] == mentions
+        assert relations == [shapes.relation(a, b) for a, b in zip(scene.objects, scene.objects[1:])]
+
+
+@pytest.mark.parametrize("image_size", [16, 300, (64, 300)])
 def test_unsupported_image_size_is_refused(image_size):
     with pytest.raises(ValueError, match="image_size"):
         generate_scenes(1, 0, image_size)

@@ -150,10 +150,57 @@ class BatchConfig:
 
 
 @dataclasses.dataclass
+class AugmentationConfig:
+    """Random changes to every training image, drawn anew each time it is batched
+    (seq2seq.tasks.captioning.augment): none changes what a caption says (no flips, no crops,
+    colours keep their names). Each kind is off at its neutral value."""
+
+    augment: bool | None = option(
+        None, "augment the training images with the kinds below",
+        if_none="on for a backbone trained from scratch (no backbone_weights), off for a pretrained one",
+    )
+    jpeg_min_quality: int = option(
+        30, "re-encode each image as JPEG at a quality drawn from [this, 100]; 100: off", bounds="[1, 100]"
+    )
+    min_scale: float = option(
+        0.85, "shrink each image by a factor from [this, 1] and place it where all of it stays inside the frame "
+        "(the border repeats the edge pixels); 1: off", bounds="(0, 1]",
+    )
+    min_aspect: float = option(
+        0.65, "shrink one axis (chosen at random) further by a factor from [this, 1], as another aspect ratio "
+        "squashed into the square input is; 1: off", bounds="(0, 1]",
+    )
+    brightness: float = option(0.05, "add a brightness offset from [-this, this] of the 0-255 range; 0: off", bounds="[0, 0.5]")
+    contrast: float = option(0.1, "scale the contrast by a factor from [1 - this, 1 + this]; 0: off", bounds="[0, 1)")
+    noise_stddev: float = option(
+        0.02, "add Gaussian noise with this standard deviation, a fraction of the 0-255 range; 0: off", bounds="[0, 0.5]"
+    )
+
+
+@dataclasses.dataclass
 class CaptionConfig(SectionedConfig):
     data: DataConfig
     model: ModelConfig
     batching: BatchConfig
     training: TrainingConfig
+    augmentation: AugmentationConfig = dataclasses.field(default_factory=AugmentationConfig)
 
-    SECTIONS = {"data": DataConfig, "model": ModelConfig, "batching": BatchConfig, "training": TrainingConfig}
+    SECTIONS = {
+        "data": DataConfig, "model": ModelConfig, "batching": BatchConfig, "training": TrainingConfig,
+        "augmentation": AugmentationConfig,
+    }
+
+    @classmethod
+    def load(cls, path):
+        """A saved config; one written before the augmentation section existed trained without
+        augmentation, so it stays off for that run."""
+        values = cls.read_values(path)
+        values.setdefault("augmentation", {"augment": False})
+        return cls.from_dict(values)
+
+    def __post_init__(self):
+        if self.augmentation.augment and self.model.cache_features:
+            raise ValueError(
+                "--augment and --cache-features do not mix: cached features are of the images as they are, so "
+                "augmented images would never reach the model; drop one (--no-augment, or no --cache-features)"
+            )

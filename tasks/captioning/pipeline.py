@@ -32,6 +32,7 @@ from seq2seq.factory import build_model
 from seq2seq.run import load_trained_weights, open_run, restore_exported_weights, save_export, train_under_precision
 from seq2seq.text import DataError, Vocabulary, WordTokenizer, encode_all, tokenize_all
 from seq2seq.training import Trainer, ValidationScore, sequence_batches
+from seq2seq.tasks.captioning import augment
 from seq2seq.tasks.captioning.captioner import Captioner
 from seq2seq.tasks.captioning.config import CaptionConfig
 from seq2seq.tasks.captioning.encoder import ImageEncoder, compute_features, image_model_from_feature_model
@@ -120,8 +121,9 @@ class CaptionRun:
         )
 
 
-def make_batches(run, caption_set, sources, shuffle, report_name):
-    """PlannedBatches over every (caption, image) pair of `caption_set`; over-long captions are truncated (reported)."""
+def make_batches(run, caption_set, sources, shuffle, report_name, augmented=False):
+    """PlannedBatches over every (caption, image) pair of `caption_set`; over-long captions are truncated (reported).
+    `augmented`: the images of every batch are changed at random as the run's augmentation section says."""
     flat, image_index = [], []
     for index, captions in enumerate(caption_set.captions):
         flat.extend(captions)
@@ -150,8 +152,10 @@ def make_batches(run, caption_set, sources, shuffle, report_name):
             lengths + 1, batch_size=b.batch_size, seed=seed, epoch=epoch, shuffle=shuffle, sort_by_length=sort_by_length
         )
 
+    augment_sources = augment.augmenter(run.config.augmentation, seed) if augmented else None
     return sequence_batches(
-        tf.convert_to_tensor(sources), ids, plan, pad_to_multiple=b.pad_to_multiple, source_index=image_index
+        tf.convert_to_tensor(sources), ids, plan, pad_to_multiple=b.pad_to_multiple, source_index=image_index,
+        augment_sources=augment_sources,
     )
 
 
@@ -213,7 +217,9 @@ def _train(config, precision_note, validation_bleu):
         else:
             train_sources, valid_sources = train_set.images, valid_set.images if valid_set else None
         log(f"model: {model.count_params():,} parameters, precision {precision_note}")
-        batches = make_batches(run, train_set, train_sources, shuffle=True, report_name="train")
+        augmented = augment.is_on(run.config)
+        log(f"augmentation of the training images: {augment.describe(run.config.augmentation) if augmented else 'off'}")
+        batches = make_batches(run, train_set, train_sources, shuffle=True, report_name="train", augmented=augmented)
         validation, callbacks = None, []
         if valid_set:
             validation = make_batches(run, valid_set, valid_sources, shuffle=False, report_name="valid")

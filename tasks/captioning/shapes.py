@@ -92,17 +92,22 @@ class Scene:
     objects: list[ShapeObject] = field(default_factory=list)
 
 
-def generate_scenes(n: int, seed: int, image_size: int = 64) -> list[Scene]:
-    """Render n scenes; the same (n, seed, image_size) always gives byte-identical output."""
+def generate_scenes(n: int, seed: int, image_size: int | tuple[int, int] = 64) -> list[Scene]:
+    """Render n scenes of image_size pixels square, or (width, height); the same (n, seed,
+    image_size) always gives byte-identical output. Object sizes are fractions of the shorter
+    side, so "small" and "large" mean the same at every size and aspect ratio."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image_size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size}")
+    width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
+    for side in (width, height):
+        if not MIN_IMAGE_SIZE <= side <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size: each side must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {width}x{height}")
     rng = np.random.default_rng(seed)
-    return [_generate_scene(rng, image_size) for _ in range(n)]
+    return [_generate_scene(rng, width, height) for _ in range(n)]
 
 
-def make_splits(train: int, val: int, test: int, seed: int, image_size: int = 64) -> dict[str, list[Scene]]:
+def make_splits(train: int, val: int, test: int, seed: int,
+                image_size: int | tuple[int, int] = 64) -> dict[str, list[Scene]]:
     """Train/val/test scenes, each split drawn from its own seed derived from `seed`."""
     split_seeds = np.random.SeedSequence(seed).spawn(3)
     counts = {"train": train, "val": val, "test": test}
@@ -188,36 +193,37 @@ def read_split(folder: str | os.PathLike) -> list[Scene]:
     return scenes
 
 
-def _generate_scene(rng: np.random.Generator, image_size: int) -> Scene:
+def _generate_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
     count = int(rng.integers(1, MAX_OBJECTS + 1))
     colours = rng.choice(list(COLOURS), size=count, replace=False)
     shapes = rng.choice(SHAPES, size=count, replace=False)
     sizes = list(rng.choice(SIZES, size=count))
-    boxes = _place_boxes(rng, [_side(str(size), image_size) for size in sizes], image_size)
+    shorter = min(width, height)
+    boxes = _place_boxes(rng, [_side(str(size), shorter) for size in sizes], width, height)
     while boxes is None:
         # Rare crowded draw: shrink one large object and try again (always fits when all are small).
         sizes[sizes.index("large")] = "small"
-        boxes = _place_boxes(rng, [_side(str(size), image_size) for size in sizes], image_size)
+        boxes = _place_boxes(rng, [_side(str(size), shorter) for size in sizes], width, height)
     objects = sorted(
         (ShapeObject(str(shape), str(colour), str(size), box) for shape, colour, size, box in zip(shapes, colours, sizes, boxes)),
         key=lambda obj: obj.centre[0],
     )
-    return Scene(image=_render(objects, image_size), captions=_captions(objects, rng), objects=objects)
+    return Scene(image=_render(objects, width, height), captions=_captions(objects, rng), objects=objects)
 
 
-def _side(size: str, image_size: int) -> int:
-    return max(6, int(round(SIZE_FRACTION[size] * image_size)))
+def _side(size: str, shorter_side: int) -> int:
+    return max(6, int(round(SIZE_FRACTION[size] * shorter_side)))
 
 
-def _place_boxes(rng: np.random.Generator, sides: list[int], image_size: int) -> list[tuple[int, int, int, int]] | None:
+def _place_boxes(rng: np.random.Generator, sides: list[int], width: int, height: int) -> list[tuple[int, int, int, int]] | None:
     """Random non-overlapping boxes whose left-to-right neighbours have a clear relation."""
-    gap = max(1, image_size // 32)
+    gap = max(1, min(width, height) // 32)
     margin = gap
     for _ in range(PLACEMENT_ATTEMPTS):
         boxes = []
         for side in sides:
-            x0 = int(rng.integers(margin, image_size - side - margin + 1))
-            y0 = int(rng.integers(margin, image_size - side - margin + 1))
+            x0 = int(rng.integers(margin, width - side - margin + 1))
+            y0 = int(rng.integers(margin, height - side - margin + 1))
             boxes.append((x0, y0, x0 + side, y0 + side))
         if _boxes_apart(boxes, gap) and _relations_clear(boxes):
             return boxes
@@ -253,8 +259,8 @@ def relation(left: ShapeObject, right: ShapeObject) -> str:
     return "above" if ay < by else "below"
 
 
-def _render(objects: list[ShapeObject], image_size: int) -> np.ndarray:
-    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+def _render(objects: list[ShapeObject], width: int, height: int) -> np.ndarray:
+    image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in objects:
         x0, y0, x1, y1 = obj.box
