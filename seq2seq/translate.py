@@ -47,28 +47,44 @@ def load_translator(args):
     return resolve_model(args.model)
 
 
+def load_run_and_model(args, path, kind=None):
+    """(run, model) of a run dir (the weights --weights and --average-last choose) or of a
+    SavedModel this toolkit exported (its own weights): what ensembles and exports are made of.
+    kind: "run" or "export" when a flag says which (export --run-dir, --from-model), None to
+    tell by what is at `path`."""
+    from seq2seq.tasks.translation.pipeline import TranslationRun, load_export
+
+    path = cli.model_path(path, "translation")
+    if kind is None:
+        kind = "export" if (path / "saved_model.pb").is_file() else "run" if is_run_dir(path) else None
+    if kind is None:
+        raise cli.CommandError(f"{path}: neither a SavedModel nor a run directory")
+    if kind == "export":
+        return load_export(path)
+    run = TranslationRun.load(path)
+    return run, run.load_model(weights=args.weights, average_last=args.average_last)
+
+
 def load_ensemble(args, paths):
     """One in-process Translator of the models at `paths` (run dirs, or SavedModels this toolkit
     exported), decoding with the average of their distributions (--ensemble-combine). --weights
     and --average-last choose the weights of run dirs; SavedModels carry theirs."""
-    from seq2seq.tasks.translation.pipeline import TranslationRun, load_export
-    from seq2seq.tasks.translation.translator import Translator
-
     members = []
     for path in paths:
-        path = cli.model_path(path, "translation")
-        if (path / "saved_model.pb").is_file():
-            run, model = load_export(path)
-        elif is_run_dir(path):
-            run = TranslationRun.load(path)
-            model = run.load_model(weights=args.weights, average_last=args.average_last)
-        else:
-            raise cli.CommandError(f"{path}: neither a SavedModel nor a run directory")
+        run, model = load_run_and_model(args, path)
         members.append(run.translator(model, replace_unknown=args.replace_unknown))
+    return ensemble_of(members, args.ensemble_combine, " ".join(f"--model {path}" for path in paths))
+
+
+def ensemble_of(translators, combine, members):
+    """`Translator.ensemble`, its refusal of members over different target vocabularies one error
+    line that starts with `members` (the flags that named them)."""
+    from seq2seq.tasks.translation.translator import Translator
+
     try:
-        return Translator.ensemble(members, combine=args.ensemble_combine)
+        return Translator.ensemble(translators, combine=combine)
     except ValueError as error:
-        raise cli.CommandError(f"--model {' --model '.join(map(str, paths))}: {error}") from None
+        raise cli.CommandError(f"{members}: {error}") from None
 
 
 def command_train(args):
@@ -204,30 +220,22 @@ def command_export(args):
     if from_models and (args.average_last or args.weights != "best" or args.quantize == "int8"):
         raise cli.CommandError("--from-model keeps the export's weights as they are (or makes them bf16): "
                                "drop --average-last, --weights and --quantize int8")
-    members = [export_member(args, "run_dir", path) for path in run_dirs]
-    members += [export_member(args, "from_model", path) for path in from_models]
-    (run, model), ensemble = members[0], members[1:]
-    try:
-        cli.write_export(
-            lambda path: export(run, model, path, args.beam_size, args.length_penalty, args.replace_unknown,
-                                ensemble=ensemble, combine=args.ensemble_combine),
-            args.output, args.version,
-        )
-    except ValueError as error:  # members over different target vocabularies
-        raise cli.CommandError(f"{' '.join(map(str, run_dirs + from_models))}: {error}") from None
+    named = " ".join([*(f"--run-dir {path}" for path in run_dirs), *(f"--from-model {path}" for path in from_models)])
+    members = [export_member(args, path, "run") for path in run_dirs]
+    members += [export_member(args, path, "export") for path in from_models]
+    (run, model), others = members[0], members[1:]
+    if others:  # members over different target vocabularies: one error line naming them, before anything is written
+        ensemble_of([member_run.translator(member) for member_run, member in members], args.ensemble_combine, named)
+    cli.write_export(
+        lambda path: export(run, model, path, args.beam_size, args.length_penalty, args.replace_unknown,
+                            ensemble=others, combine=args.ensemble_combine),
+        args.output, args.version,
+    )
 
 
-def export_member(args, kind, path):
-    """(run, model) of one model to export: a training run's chosen weights, or a SavedModel's,
-    quantized as --quantize says."""
-    from seq2seq.tasks.translation.pipeline import TranslationRun, load_export
-
-    if kind == "from_model":
-        run, model = load_export(cli.model_path(path, "translation"))
-    else:
-        cli.check_model_task(path, "translation")
-        run = TranslationRun.load(path)
-        model = run.load_model(weights=args.weights, average_last=args.average_last)
+def export_member(args, path, kind):
+    """(run, model) of one model to export (`load_run_and_model`), quantized as --quantize says."""
+    run, model = load_run_and_model(args, path, kind)
     if args.quantize == "int8":
         from seq2seq.model import quantize_weights
 
