@@ -149,6 +149,22 @@ def _leaving(done):
     return done & (count * 8 >= tf.size(done))
 
 
+def prefix_from_ragged(ids):
+    """The `prefix` pair the searches take, (ids [N, P] padded with 0, lengths [N] int32), from
+    ragged prefix ids [N, None] (a row without tokens: no prefix)."""
+    return ids.to_tensor(0), tf.cast(ids.row_lengths(), tf.int32)
+
+
+def one_prefix_each(prefixes, count, what):
+    """`prefixes` [N], checked to have `count` entries before anything reads them: otherwise the
+    graph stops with "`what` needs one prefix each" (not with a gather error further on)."""
+    check = tf.debugging.assert_equal(
+        tf.size(prefixes), tf.cast(count, tf.int32), message=f"{what} needs one prefix each"
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(prefixes)
+
+
 def _prefix_inputs(prefix, max_lengths):
     """The prefix pair as int32 tensors (ids with at least one column), and the per-row maximum
     lengths [batch] grown to hold each prefix and one more token."""

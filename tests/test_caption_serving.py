@@ -284,3 +284,10 @@ def test_the_prefix_signature_answers_bad_images_alone(captioner):
     assert out["errors"].numpy().tolist() == [b"", b"not a JPEG, PNG, GIF, BMP or WebP image", b""]
     first, bad, last = [c.decode() for c in out["captions"].numpy()]
     assert first.startswith(prefixes[0]) and last.startswith(prefixes[2]) and bad == ""
+
+
+def test_a_prefix_count_other_than_the_image_count_stops_the_graph(captioner):
+    size = captioner.image_size
+    pixels = np.zeros((3, size, size, 3), np.uint8)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="needs one prefix each"):
+        captioner.caption_with_prefix(tf.constant(pixels), tf.constant(["", ""]), tf.constant(2), tf.constant(0.0))

@@ -62,6 +62,11 @@ def test_translate_lines_pairs_prefixes_with_lines_after_sorting_by_length(word_
         translate_lines(word_translator, TEXTS, prefixes=PREFIXES[:2])
 
 
+def test_a_prefix_count_other_than_the_text_count_stops_the_graph(word_translator):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="needs one prefix each"):
+        with_prefix(word_translator, TEXTS, PREFIXES[:2], 3)
+
+
 def test_exported_signature_matches_the_in_process_translator(word_model, word_translator):
     loaded = tf.saved_model.load(str(word_model[1]))
     signature = loaded.signatures["translate_with_prefix"]

@@ -18,10 +18,10 @@ image_size x image_size model input.
 
 import tensorflow as tf
 
+from seq2seq.decoding import one_prefix_each, prefix_from_ragged
 from seq2seq.model import ExportedModel
 from seq2seq.tasks.captioning.image_graph import CORRUPT_IMAGE, DECODE_PARALLELISM, decode_rgb, refusal
 from seq2seq.tasks.captioning.images import DEFAULT_MAX_PIXELS
-from seq2seq.text import PAD_ID
 
 IMAGES_SPEC = tf.TensorSpec([None], tf.string, name="images")
 BEAM_SPEC = tf.TensorSpec([], tf.int32, name="beam_size")
@@ -158,10 +158,7 @@ class Captioner(tf.Module):
 
     @staticmethod
     def _checked(prefixes, batch):
-        tf.debugging.assert_equal(
-            tf.size(prefixes), tf.shape(batch)[0], message="captioning with prefixes needs one prefix an image"
-        )
-        return prefixes
+        return one_prefix_each(prefixes, tf.shape(batch)[0], "captioning with prefixes (one an image)")
 
     def caption_rows(self, pixels, good, beam_size, length_penalty, prefixes=None):
         """`generate` on the rows of pixels [N, S, S, 3] where good [N] holds; the other rows get an
@@ -191,8 +188,7 @@ class Captioner(tf.Module):
         max_length = self.max_length + 1  # the end token counts
         prefix = None
         if prefixes is not None:
-            prefix_ids = self.vocab.lookup_ids(self.tokenizer.tokenize(prefixes))  # ragged [N, None]
-            prefix = (prefix_ids.to_tensor(PAD_ID), tf.cast(prefix_ids.row_lengths(), tf.int32))
+            prefix = prefix_from_ragged(self.vocab.lookup_ids(self.tokenizer.tokenize(prefixes)))
 
         def greedy():
             return tuple(self.model.generate(sources, search="greedy", max_length=max_length, prefix=prefix))

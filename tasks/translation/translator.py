@@ -6,7 +6,7 @@ and what `export` writes into the SavedModel, so both run the very same graph.
 
 import tensorflow as tf
 
-from seq2seq.decoding import max_length_from_source
+from seq2seq.decoding import max_length_from_source, one_prefix_each, prefix_from_ragged
 from seq2seq.ensemble import Ensemble
 from seq2seq.model import ExportedModel
 from seq2seq.text import PAD_ID, UNK
@@ -124,11 +124,8 @@ class Translator(tf.Module):
         prefix (prefixes [N], one a text; "" for none); the search continues freely after
         them, and their log-probabilities count in the scores. Empty sources still give "".
         """
-        tf.debugging.assert_equal(
-            tf.size(prefixes), tf.size(texts), message="translate_with_prefix needs one prefix a text"
-        )
-        prefix_ids = self.target_vocab.lookup_ids(self.target_tokenizer.tokenize(prefixes))  # ragged [N, None]
-        prefix = (prefix_ids.to_tensor(PAD_ID), tf.cast(prefix_ids.row_lengths(), tf.int32))
+        prefixes = one_prefix_each(prefixes, tf.size(texts), "translate_with_prefix (one a text)")
+        prefix = prefix_from_ragged(self.target_vocab.lookup_ids(self.target_tokenizer.tokenize(prefixes)))
         return self._translate(texts, beam_size, n_best, length_penalty, prefix)
 
     def _translate(self, texts, beam_size, n_best, length_penalty, prefix=None):
