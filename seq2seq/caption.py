@@ -57,6 +57,7 @@ def command_caption(args):
     if not any(leading):
         raise cli.CommandError("no images given (pass image files as arguments, --input FILE, or paths on stdin)")
     model = resolve_model(args.model, args.weights)
+    cli.choose_length_penalty(args, cli.model_path(args.model, "captioning"))
     try:
         caption_in_chunks(args, model, itertools.chain(leading, paths))
     except BrokenPipeError:
@@ -209,6 +210,7 @@ def command_evaluate(args):
     from seq2seq.tasks.captioning.inference import caption_images
 
     model = resolve_model(args.model, args.weights)
+    cli.choose_length_penalty(args, cli.model_path(args.model, "captioning"))
     info = model_info(model)
     test_set = evaluation_set(args, info["image_size"])
     searches = [("greedy", 1)] + ([(f"beam {args.beam_size}", args.beam_size)] if args.beam_size > 1 else [])

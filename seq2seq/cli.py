@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -251,11 +252,31 @@ def add_search_flags(parser, default_model, model_name, beam_size, length_penalt
                             help=f"SavedModel, TF Serving model dir or run dir (default: the shipped {model_name})")
     parser.add_argument("--beam-size", type=beam_width, default=beam_size,
                         help=f"beam width, 1 to {MAX_BEAM_SIZE}; 1 is greedy search (default: {beam_size})")
-    parser.add_argument("--length-penalty", type=finite_float, default=length_penalty,
-                        help=f"GNMT length penalty alpha (default: {length_penalty})")
+    parser.add_argument("--length-penalty", type=finite_float, default=None,
+                        help=f"GNMT length penalty alpha (default: the one a SavedModel was exported with, else "
+                             f"{length_penalty})")
+    parser.set_defaults(fallback_length_penalty=length_penalty)
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=f"{items} per batch (default: {batch_size})")
     parser.add_argument("--weights", choices=("best", "last"), default="best", help="which weights of a run dir (default: best)")
+
+
+SEARCH_FILE = "search.json"  # in an export's assets.extra: the search its serving_default runs
+
+
+def choose_length_penalty(args, path):
+    """Sets args.length_penalty, when --length-penalty was not given, to the one the SavedModel
+    at `path` was exported with (its assets.extra/search.json: what its recipe chose on
+    validation data), or else (a run dir, an in-process ensemble: path None) to the command's default."""
+    if args.length_penalty is not None:
+        return
+    args.length_penalty = args.fallback_length_penalty
+    search = None if path is None else Path(path) / "assets.extra" / SEARCH_FILE
+    if search is not None and search.is_file():
+        try:
+            args.length_penalty = float(json.loads(search.read_text())["length_penalty"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise CommandError(f"{search}: not a search settings file ({error}); delete it or export again") from None
 
 
 def write_export(write, model_dir, version=None):

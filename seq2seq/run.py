@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from seq2seq import distribute
-from seq2seq.cli import load_saved_model, log
+from seq2seq.cli import SEARCH_FILE, load_saved_model, log
 from seq2seq.config import RUN_CONFIG, may_change_on_resume
 from seq2seq.errors import DataError
 from seq2seq.model import build_in_bfloat16, quantize_weights
@@ -243,10 +243,12 @@ def load_trained_weights(model, run_dir, weights="best", average_last=None):
     return model
 
 
-def save_export(module, export_dir, signatures, config):
+def save_export(module, export_dir, signatures, config, beam_size, length_penalty):
     """Writes `module` as a SavedModel with `signatures` into the new or empty `export_dir`,
-    with the run's config in assets.extra/config.yaml; returns assets.extra for the task's
-    own files (vocabularies, tokenizer models)."""
+    with the run's config in assets.extra/config.yaml and the search serving_default runs
+    (beam_size, length_penalty) in assets.extra/search.json, which the commands take as their
+    defaults for this model; returns assets.extra for the task's own files (vocabularies,
+    tokenizer models)."""
     export_dir = Path(export_dir)
     if export_dir.exists() and any(export_dir.iterdir()):
         raise DataError(f"{export_dir} exists and is not empty; choose a new version number")
@@ -254,6 +256,7 @@ def save_export(module, export_dir, signatures, config):
     extra = export_dir / "assets.extra"
     extra.mkdir(exist_ok=True)
     config.save(extra / RUN_CONFIG)
+    (extra / SEARCH_FILE).write_text(json.dumps({"beam_size": beam_size, "length_penalty": length_penalty}) + "\n")
     return extra
 
 

@@ -34,7 +34,9 @@ def load_translator(args):
     paths = args.model or [str(SHIPPED_MODEL)]
     args.model = paths[0]  # what messages name
     if len(paths) > 1:
+        cli.choose_length_penalty(args, None)
         return load_ensemble(args, paths)
+    cli.choose_length_penalty(args, cli.model_path(args.model, "translation"))
     if args.replace_unknown or args.average_last or args.weights != "best":
         from seq2seq.tasks.translation.pipeline import TranslationRun
 
@@ -193,8 +195,9 @@ def command_evaluate(args):
     if args.hypotheses:
         hypotheses = cli.read_input_lines(args.hypotheses)
     elif args.source:
+        translator = load_translator(args)  # sets the model's own length penalty unless one was given
         hypotheses = translate_lines(
-            load_translator(args), cli.read_input_lines(args.source), beam_size=args.beam_size,
+            translator, cli.read_input_lines(args.source), beam_size=args.beam_size,
             length_penalty=args.length_penalty, batch_size=args.batch_size,
         )
     else:

@@ -318,3 +318,32 @@ def test_bf16_export_stores_bfloat16_weights_serves_stock_ops_and_scores_close_t
     again = _weight_dtypes(tmp_path / "again" / "1")
     assert again == dtypes
     assert served(tmp_path / "again" / "1")[0] == translations
+
+
+def test_an_export_records_its_search_and_the_commands_take_its_length_penalty(word_model, tmp_path, capsys):
+    """export writes assets.extra/search.json; translate and evaluate use its length penalty
+    unless --length-penalty is given (a model whose recipe chose 1.6 on val gets 1.6)."""
+    import json
+    import shutil
+
+    from conftest import SAMPLE_SENTENCES, cli
+
+    search = json.loads((word_model[1] / "assets.extra" / "search.json").read_text())
+    assert search == {"beam_size": 5, "length_penalty": 0.6}
+    export = shutil.copytree(word_model[1], tmp_path / "export")
+    (export / "assets.extra" / "search.json").write_text(json.dumps({"beam_size": 5, "length_penalty": -3.0}))
+    source = tmp_path / "source.txt"
+    source.write_text("\n".join(SAMPLE_SENTENCES) + "\n")
+
+    def translations(*flags):
+        capsys.readouterr()
+        assert cli("translate", "--model", *flags, "--input", source) == 0
+        return capsys.readouterr().out
+
+    recorded = translations(export)
+    assert recorded == translations(export, "--length-penalty", "-3")
+    assert translations(word_model[1]) == translations(export, "--length-penalty", "0.6")
+    assert recorded != translations(export, "--length-penalty", "0.6")
+    (export / "assets.extra" / "search.json").write_text("{}")
+    assert cli("translate", "--model", export, "--input", source) == 2
+    assert "search.json: not a search settings file" in capsys.readouterr().err

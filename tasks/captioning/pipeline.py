@@ -241,7 +241,7 @@ def export(run, model, export_dir, beam_size=3, length_penalty=0.0, max_pixels=D
         "caption_with_attention": captioner.attention_function(length_penalty),
         "caption_with_prefix": captioner.prefix_function(length_penalty),
     }
-    extra = save_export(captioner, export_dir, signatures, run.config)
+    extra = save_export(captioner, export_dir, signatures, run.config, beam_size, length_penalty)
     run.vocab.save(extra / VOCAB_FILE)
     return Path(export_dir)
 

@@ -422,7 +422,7 @@ def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unkn
         "translate": translator.translate,
         "translate_with_prefix": translator.translate_with_prefix,
     }
-    extra = save_export(translator, export_dir, signatures, run.config)
+    extra = save_export(translator, export_dir, signatures, run.config, beam_size, length_penalty)
     save_tokenization(run, extra)
     if ensemble:
         for index, (member_run, _) in enumerate([(run, model), *ensemble]):
