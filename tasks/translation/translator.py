@@ -47,7 +47,7 @@ class Translator(tf.Module):
         name=None,
     ):
         super().__init__(name=name)
-        self._members([ExportedModel(model)], [source_tokenizer], [source_vocab], [max_source_length])
+        self._members([ExportedModel(model)], [(source_tokenizer, source_vocab, max_source_length)])
         self.target_tokenizer = target_tokenizer
         self.target_vocab = target_vocab
         self.length_ratio = length_ratio
@@ -55,9 +55,11 @@ class Translator(tf.Module):
         self.replace_unknown = replace_unknown
         self.combine = "probabilities"
 
-    def _members(self, exported, source_tokenizers, source_vocabs, max_source_lengths):
-        """The models and their source sides: the first member's in the attributes a single
-        model has always had (a SavedModel's object graph unchanged), the others' in lists."""
+    def _members(self, exported, sides):
+        """The models and their source sides ((tokenizer, vocabulary, max_source_length) each): the
+        first member's in the attributes a single model has always had (a SavedModel's object graph
+        unchanged), the others' in lists."""
+        source_tokenizers, source_vocabs, max_source_lengths = (list(column) for column in zip(*sides))
         self._exported = exported
         self.model_variables = [variable for member in exported for variable in member.variables]
         self.source_tokenizer, self.source_vocab = source_tokenizers[0], source_vocabs[0]
@@ -93,10 +95,8 @@ class Translator(tf.Module):
         ensemble = cls(first.model, first.source_tokenizer, first.target_tokenizer, first.source_vocab,
                        first.target_vocab, first.max_source_length, first.length_ratio, first.length_offset,
                        first.replace_unknown, name=name)
-        sides = [side for t in translators for side in t.source_sides]
         ensemble._members(
-            [member for t in translators for member in t._exported],
-            [tokenizer for tokenizer, _, _ in sides], [vocab for _, vocab, _ in sides], [limit for _, _, limit in sides],
+            [member for t in translators for member in t._exported], [side for t in translators for side in t.source_sides]
         )
         ensemble.combine = combine
         return ensemble
