@@ -103,7 +103,7 @@ class RNNEncoder(keras.layers.Layer):
             for direction, cell in enumerate(layer_cells):
                 projected = cell.project_inputs(x)  # [batch, time, gates*units], all steps at once
                 out, state = run_cell(
-                    cell, projected, mask, cell.initial_state(batch_size), reverse=direction == 1
+                    cell, projected, mask, cell.initial_state(batch_size), reverse=direction == 1, training=training
                 )
                 outputs.append(out)
                 states.append(state)

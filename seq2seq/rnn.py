@@ -10,6 +10,11 @@ Under mixed precision (bfloat16 compute) the matrix products run in the compute 
 but the state carried from step to step is float32: an LSTM's cell state (and a GRU's
 hidden state) is a running sum over time, and rounding it to bfloat16's 8 bits of
 mantissa at every step (and its gradient on the way back) loses what the model learns.
+
+In training, `run_cell` computes the recurrent kernel's gradient after the time loop, as one
+large product of all steps' previous outputs with all steps' gate gradients, instead of one
+small product per step summed in a float32 accumulator (with a cast of the kernel each way
+at every step): on this CPU a step's kernel cast alone cost 43% of its product.
 """
 
 import keras
@@ -78,13 +83,20 @@ class RecurrentCell(keras.layers.Layer):
     def initial_state(self, batch_size):
         return tuple(ops.zeros((batch_size, size), dtype="float32") for size in self.state_size)
 
-    def step(self, projected_inputs, state):
+    def step(self, projected_inputs, state, recurrent_kernel=None):
         """One time step: projected_inputs [batch, gates*units] (compute dtype), state tuple
-        (float32) -> (output [batch, units] in the compute dtype, new float32 state)."""
+        (float32) -> (output [batch, units] in the compute dtype, new float32 state).
+
+        recurrent_kernel: the kernel in the compute dtype, read once outside a time loop by a
+        caller that computes its gradient itself (`run_cell`): no gradient flows to it from
+        here. By default the layer's own kernel, cast at the step."""
         # The product in the compute dtype; the gates' element-wise work in float32 (as
         # fast on this CPU, and one cast each way per step).
         dtype = projected_inputs.dtype
-        recurrent = ops.matmul(ops.cast(state[0], dtype), ops.cast(self.recurrent_kernel, dtype))  # [batch, gates*units]
+        if recurrent_kernel is None:
+            recurrent = ops.matmul(ops.cast(state[0], dtype), ops.cast(self.recurrent_kernel, dtype))
+        else:
+            recurrent = product_without_kernel_gradient(ops.cast(state[0], dtype), recurrent_kernel)
         if self.cell_type == "simple_rnn":
             h = ops.tanh(ops.cast(projected_inputs + recurrent, "float32"))
             return ops.cast(h, dtype), (h,)
@@ -106,18 +118,32 @@ class RecurrentCell(keras.layers.Layer):
         return {**super().get_config(), "cell_type": self.cell_type, "units": self.units}
 
 
+@tf.custom_gradient
+def product_without_kernel_gradient(x, kernel):
+    """x @ kernel whose gradient reaches x only, for a kernel whose gradient the caller
+    computes after a time loop. Inside the loop body (a stop_gradient outside it is not
+    seen by the loop's gradient, which would still compute and sum a product per step)."""
+
+    def gradient(upstream):
+        return tf.matmul(upstream, kernel, transpose_b=True), None
+
+    return tf.matmul(x, kernel), gradient
+
+
 def _orthogonal(shape, dtype=None):
     """Keras's orthogonal initializer drawn in float32 (its QR decomposition has no bfloat16
     kernel, and a bfloat16 copy of a model for inference is built with bfloat16 weights)."""
     return ops.cast(keras.initializers.Orthogonal()(shape, dtype="float32"), dtype or "float32")
 
 
-def run_cell(cell, projected, mask, initial_state, reverse=False):
+def run_cell(cell, projected, mask, initial_state, reverse=False, training=False):
     """Runs `cell` over time.
 
     projected: [batch, time, gates*units] (from `cell.project_inputs`); mask: [batch, time] bool.
     Padded steps leave the state unchanged and output zeros, so padding never changes any
     output. With `reverse`, each sequence is read backwards from its own last real token.
+    With `training`, the recurrent kernel's gradient is computed after the loop (see the
+    module docstring); the values and every gradient are the same either way.
     Returns outputs [batch, time, units] and the final state tuple.
     """
     lengths = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
@@ -125,25 +151,79 @@ def run_cell(cell, projected, mask, initial_state, reverse=False):
         projected = tf.reverse_sequence(projected, lengths, seq_axis=1, batch_axis=0)
     num_steps = tf.shape(projected)[1]
     step_mask = tf.transpose(tf.sequence_mask(lengths, num_steps), [1, 0])  # [time, batch]
-    # A TensorArray (not `tensor[t]`) so that the gradient of each step's read is that step's
-    # slice only, rather than a full [time, batch, gates*units] tensor per step.
-    inputs = tf.TensorArray(projected.dtype, size=num_steps).unstack(tf.transpose(projected, [1, 0, 2]))
-    outputs = tf.TensorArray(
-        projected.dtype, size=num_steps, element_shape=tf.TensorShape([None, cell.units])
-    )
-
-    def body(t, state, outputs):
-        output, new_state = cell.step(inputs.read(t), state)
-        keep = step_mask[t][:, None]  # [batch, 1]
-        new_state = tuple(tf.where(keep, n, s) for n, s in zip(new_state, state))
-        return t + 1, new_state, outputs.write(t, tf.where(keep, output, tf.zeros_like(output)))
-
-    _, final_state, outputs = tf.while_loop(
-        lambda t, *_: t < num_steps, body, (tf.constant(0), tuple(initial_state), outputs),
-        maximum_iterations=num_steps,
-    )
-    outputs = tf.transpose(outputs.stack(), [1, 0, 2])  # [batch, time, units]
+    projected = tf.transpose(projected, [1, 0, 2])  # [time, batch, gates*units]
+    initial_state = tuple(initial_state)
+    if training and cell.cell_type != "gru":
+        outputs, final_state = _deferred_kernel_gradient_loop(cell, projected, step_mask, initial_state)
+    else:
+        outputs, _, final_state = _time_loop(cell, projected, step_mask, initial_state)
+    outputs = tf.transpose(outputs, [1, 0, 2])  # [batch, time, units]
     outputs = tf.ensure_shape(outputs, [None, None, cell.units])
     if reverse:
         outputs = tf.reverse_sequence(outputs, lengths, seq_axis=1, batch_axis=0)
     return outputs, final_state
+
+
+def _time_loop(cell, projected, step_mask, initial_state, recurrent_kernel=None):
+    """The recurrence over time-major `projected` [time, batch, gates*units].
+
+    Returns the outputs [time, batch, units], each step's previous output h (the recurrent
+    product's left operand, in the compute dtype) [time, batch, units], and the final state."""
+    num_steps = tf.shape(projected)[0]
+    dtype = projected.dtype
+    # A TensorArray (not `tensor[t]`) so that the gradient of each step's read is that step's
+    # slice only, rather than a full [time, batch, gates*units] tensor per step.
+    inputs = tf.TensorArray(dtype, size=num_steps).unstack(projected)
+
+    def new_array():
+        return tf.TensorArray(dtype, size=num_steps, element_shape=tf.TensorShape([None, cell.units]))
+
+    def body(t, state, outputs, previous):
+        previous = previous.write(t, tf.cast(state[0], dtype))
+        output, new_state = cell.step(inputs.read(t), state, recurrent_kernel)
+        keep = step_mask[t][:, None]  # [batch, 1]
+        new_state = tuple(tf.where(keep, n, s) for n, s in zip(new_state, state))
+        return t + 1, new_state, outputs.write(t, tf.where(keep, output, tf.zeros_like(output))), previous
+
+    _, final_state, outputs, previous = tf.while_loop(
+        lambda t, *_: t < num_steps, body, (tf.constant(0), initial_state, new_array(), new_array()),
+        maximum_iterations=num_steps,
+    )
+    return outputs.stack(), previous.stack(), final_state
+
+
+def _deferred_kernel_gradient_loop(cell, projected, step_mask, initial_state):
+    """`_time_loop` whose recurrent kernel is cast once and gets its gradient from one product.
+
+    An LSTM's or vanilla RNN's pre-activation is projected[t] + h[t-1] @ kernel, so the gradient
+    reaching projected[t] is the pre-activation's gradient at step t, and the kernel's gradient
+    is the sum over steps of h[t-1]^T @ that: one [units, time*batch] @ [time*batch, gates*units]
+    product. Padded steps get a zero gradient (their new state is discarded). Not for the GRU,
+    whose reset gate scales the recurrent part of one gate."""
+    dtype = projected.dtype
+
+    @tf.custom_gradient
+    def recurrence(projected, kernel, *state):
+        with tf.GradientTape() as tape:
+            tape.watch([projected, *state])
+            outputs, previous, final_state = _time_loop(
+                cell, projected, step_mask, state, tf.cast(kernel, dtype)
+            )
+
+        def gradient(d_outputs, *d_final):
+            sources = [projected, *state]
+            grads = tape.gradient(
+                [outputs, *final_state], sources, output_gradients=[d_outputs, *d_final],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            d_projected = grads[0]
+            d_kernel = tf.matmul(
+                tf.reshape(previous, [-1, cell.units]), tf.reshape(tf.cast(d_projected, dtype), [-1, kernel.shape[-1]]),
+                transpose_a=True,
+            )
+            return [d_projected, tf.cast(d_kernel, kernel.dtype), *grads[1:]]
+
+        return (outputs, *final_state), gradient
+
+    outputs, *final_state = recurrence(projected, cell.recurrent_kernel.value, *initial_state)
+    return outputs, tuple(final_state)

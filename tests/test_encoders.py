@@ -235,3 +235,32 @@ def test_encoder_config_round_trip():
     clone.set_weights(layer.get_weights())
     ids = padded_ids()
     np.testing.assert_allclose(clone(ids)["memory"], layer(ids)["memory"], atol=1e-6)
+
+
+@pytest.mark.parametrize("cell_type", ["simple_rnn", "lstm", "gru"])
+def test_training_gives_the_same_outputs_and_gradients_as_inference(cell_type):
+    """In training the recurrent kernel's gradient is one product after the time loop (see
+    seq2seq.rnn); outputs, final states and every weight's gradient must equal the plain
+    per-step gradient of the inference path, with padding, both directions and two layers."""
+    layer = encoder(cell_type, bidirectional=True, num_layers=2)
+    ids = tf.constant(padded_ids(extra=2))
+
+    @tf.function
+    def run(training):
+        with tf.GradientTape() as tape:
+            result = layer(ids, training=training)
+            weights = tf.reshape(tf.range(tf.size(result["memory"]), dtype=tf.float32) % 7.0, tf.shape(result["memory"]))
+            loss = tf.reduce_sum(result["memory"] * weights) + sum(
+                tf.reduce_sum(part**2) for layer_states in result["final_states"] for state in layer_states for part in state
+            )
+        return result["memory"], loss, tape.gradient(loss, layer.trainable_variables)
+
+    memory, loss, grads = run(False)
+    trained_memory, trained_loss, trained_grads = run(True)
+    np.testing.assert_allclose(trained_memory, memory, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(trained_loss, loss, rtol=1e-6)
+    assert len(grads) == len(trained_grads) == len(layer.trainable_variables)
+    for variable, expected, got in zip(layer.trainable_variables, grads, trained_grads):
+        expected, got = tf.convert_to_tensor(expected), tf.convert_to_tensor(got)
+        assert float(tf.reduce_max(tf.abs(expected))) > 0, variable.path
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(tf.reduce_max(tf.abs(expected))), err_msg=variable.path)
