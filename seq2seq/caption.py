@@ -338,5 +338,10 @@ def main(argv=None):
     return cli.main(build_parser, argv)
 
 
+def run():
+    """The console command: `main`, then the process ends (see `cli.main`)."""
+    cli.main(build_parser, exit_process=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -130,6 +130,8 @@ def command_translate(args):
     if interactive:
         return translate_interactively(args, load_translator(args))
     lines = args.texts if args.texts else streaming.input_lines(args.input)
+    if args.own_process and args.texts and len(args.texts) <= cli.QUICK_START_LIMIT:
+        cli.quick_start()
     if args.prefix_file is not None:
         lines = streaming.paired_lines(lines, streaming.input_lines(args.prefix_file), args.prefix_file, "prefix")
     translator = load_translator(args)
@@ -324,5 +326,10 @@ def main(argv=None):
     return cli.main(build_parser, argv)
 
 
+def run():
+    """The console command: `main`, then the process ends (see `cli.main`)."""
+    cli.main(build_parser, exit_process=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -43,13 +43,15 @@ OWN_PEAK_RSS = (
     "        return next(int(line.split()[1]) for line in status if line.startswith('VmHWM:'))\n"
 )
 
-# Runs `python -m seq2seq.translate ARGS` and prints `maxrss_kb N`, the peak memory of the
-# process, on the last stderr line.
+# Runs the translate command on ARGS and prints `maxrss_kb N`, the peak memory of the process,
+# on the last stderr line (through `main`: the console command ends the process without teardown).
 MEASURED_TRANSLATE = OWN_PEAK_RSS + (
-    "import runpy, sys\n"
-    "sys.argv = ['seq2seq.translate', *sys.argv[1:]]\n"
-    "try:\n    runpy.run_module('seq2seq.translate', run_name='__main__')\n"
+    "import sys\n"
+    "from seq2seq.translate import main\n"
+    "code = 1\n"
+    "try:\n    code = main(sys.argv[1:])\n"
     "finally:\n    print('maxrss_kb', own_peak_rss_kb(), file=sys.stderr)\n"
+    "sys.exit(code)\n"
 )
 
 

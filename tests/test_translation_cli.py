@@ -209,6 +209,8 @@ def commands(tmp_path_factory, word_model):
                             directory / "stdin", input="\n".join(STDIN_INPUTS) + "\n", timeout=120),
         "stdin_short": Background([sys.executable, "-c", MEASURED_TRANSLATE, "translate", "--model", word_model[1]],
                                   directory / "stdin_short", input="\n".join(SHORT_INPUTS) + "\n", timeout=120),
+        "texts": Background([sys.executable, "-m", "seq2seq.translate", "translate", "--model", word_model[1],
+                             *SAMPLE_SENTENCES[:3]], directory / "texts", timeout=120),
         "bad_utf8": Background([sys.executable, "-m", "seq2seq.translate", "translate", "--model", word_model[1]],
                                directory / "bad_utf8", input=b"a man is riding a bike .\nein \xff mann\n",
                                timeout=120),
@@ -534,3 +536,16 @@ def test_version_names_the_verified_keras_and_tensorflow(capsys):
     assert exit_info.value.code == 0
     assert re.fullmatch(r"seq2seq \d+\.\d+\.\d+ \(verified with Keras \d+\.\d+ and TensorFlow \d+\.\d+\)\n",
                         capsys.readouterr().out)
+
+
+def test_the_console_command_prints_every_translation_and_its_exit_code(capsys, commands, word_model):
+    """A console run of a few texts skips the graph optimizer and ends without teardown
+    (`cli.main(exit_process=True)`): the output is whole, the same as in-process, exit code 0."""
+    completed = commands["texts"].result()
+    assert completed.returncode == 0, completed.stderr
+    assert cli("translate", "--model", word_model[1], *SAMPLE_SENTENCES[:3]) == 0
+    assert completed.stdout.decode() == capsys.readouterr().out
+    failed = subprocess.run([sys.executable, "-m", "seq2seq.translate", "translate", "--model", "no/such/model", "a dog"],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2
+    assert user_stderr(failed.stderr).strip().startswith("error: no/such/model")
