@@ -167,10 +167,12 @@ def run_cell(cell, projected, mask, initial_state, reverse=False, training=False
 def _time_loop(cell, projected, step_mask, initial_state, recurrent_kernel=None):
     """The recurrence over time-major `projected` [time, batch, gates*units].
 
-    Returns the outputs [time, batch, units], each step's previous output h (the recurrent
-    product's left operand, in the compute dtype) [time, batch, units], and the final state."""
+    Returns the outputs [time, batch, units], with a `recurrent_kernel` (see `RecurrentCell.step`)
+    each step's previous output h (that kernel's left operand, in the compute dtype) [time,
+    batch, units] or else None, and the final state."""
     num_steps = tf.shape(projected)[0]
     dtype = projected.dtype
+    keep_previous = recurrent_kernel is not None
     # A TensorArray (not `tensor[t]`) so that the gradient of each step's read is that step's
     # slice only, rather than a full [time, batch, gates*units] tensor per step.
     inputs = tf.TensorArray(dtype, size=num_steps).unstack(projected)
@@ -179,7 +181,8 @@ def _time_loop(cell, projected, step_mask, initial_state, recurrent_kernel=None)
         return tf.TensorArray(dtype, size=num_steps, element_shape=tf.TensorShape([None, cell.units]))
 
     def body(t, state, outputs, previous):
-        previous = previous.write(t, tf.cast(state[0], dtype))
+        if keep_previous:
+            previous = previous.write(t, tf.cast(state[0], dtype))
         output, new_state = cell.step(inputs.read(t), state, recurrent_kernel)
         keep = step_mask[t][:, None]  # [batch, 1]
         new_state = tuple(tf.where(keep, n, s) for n, s in zip(new_state, state))
@@ -189,7 +192,7 @@ def _time_loop(cell, projected, step_mask, initial_state, recurrent_kernel=None)
         lambda t, *_: t < num_steps, body, (tf.constant(0), initial_state, new_array(), new_array()),
         maximum_iterations=num_steps,
     )
-    return outputs.stack(), previous.stack(), final_state
+    return outputs.stack(), previous.stack() if keep_previous else None, final_state
 
 
 def _deferred_kernel_gradient_loop(cell, projected, step_mask, initial_state):
