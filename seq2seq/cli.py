@@ -191,8 +191,8 @@ def main(build_parser, argv=None, exit_process=False):
     lines kept off stderr throughout (building the parser already imports TensorFlow) unless
     --tf-logs or the user's own TF_CPP_MIN_LOG_LEVEL asks for them.
 
-    exit_process (the console commands): ends the process when the subcommand is done. But for
-    `train` (whose background threads may still write), it ends it without Python's and
+    exit_process (the console commands): ends the process when the subcommand is done, and,
+    except after `train` (whose background threads may still write), without Python's and
     TensorFlow's teardown, which took 1.3 s after a one-sentence `translate` of the
     Transformer export; every file is closed and the output flushed by then."""
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]

@@ -221,7 +221,7 @@ def _deferred_kernel_gradient_loop(cell, projected, step_mask, initial_state):
             )
             d_projected = grads[0]
             d_kernel = tf.matmul(
-                tf.reshape(previous, [-1, cell.units]), tf.reshape(tf.cast(d_projected, dtype), [-1, kernel.shape[-1]]),
+                tf.reshape(previous, [-1, cell.units]), tf.reshape(d_projected, [-1, kernel.shape[-1]]),
                 transpose_a=True,
             )
             return [d_projected, tf.cast(d_kernel, kernel.dtype), *grads[1:]]
