@@ -12,6 +12,8 @@ import math
 import keras
 from keras import ops
 
+from seq2seq.precision import Dense
+
 
 def _masked_softmax(scores, mask):
     """scores: [batch, src_len]; mask: [batch, src_len] bool -> weights with exact zeros at padding.
@@ -52,8 +54,8 @@ class BahdanauAttention(keras.layers.Layer):
         super().__init__(**kwargs)
         self.units = units
         self.normalize = normalize
-        self.memory_layer = keras.layers.Dense(units, use_bias=False, name="memory_layer")
-        self.query_layer = keras.layers.Dense(units, use_bias=False, name="query_layer")
+        self.memory_layer = Dense(units, use_bias=False, name="memory_layer")
+        self.query_layer = Dense(units, use_bias=False, name="query_layer")
 
     def build(self, query_shape, memory_shape):
         self.query_layer.build(query_shape)
@@ -105,7 +107,7 @@ class LuongAttention(keras.layers.Layer):
         self.units = units
         self.score = score
         if score == "general":
-            self.memory_layer = keras.layers.Dense(units, use_bias=False, name="memory_layer")
+            self.memory_layer = Dense(units, use_bias=False, name="memory_layer")
 
     def build(self, query_shape, memory_shape):
         if self.score == "general":

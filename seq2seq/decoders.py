@@ -86,7 +86,7 @@ class AttentionDecoder(keras.layers.Layer):
         self.embedding = keras.layers.Embedding(vocab_size, self.embedding_dim, name="embedding")
         self.cells = [RecurrentCell(cell_type, units, name=f"layer{i}") for i in range(num_layers)]
         self.attention = make_attention(attention, units, score=attention_score, normalize=attention_normalize)
-        self.attention_output = keras.layers.Dense(units, activation="tanh", use_bias=False, name="attention_output")
+        self.attention_output = Dense(units, activation="tanh", use_bias=False, name="attention_output")
         if not tie_embeddings:
             self.output_layer = Dense(vocab_size, name="output_layer", float32_output=True)
         self.embedding_dropout = Dropout(dropout)

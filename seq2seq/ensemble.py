@@ -7,11 +7,13 @@ Transformer) and in their source side; they must share the target vocabulary and
 start and end ids.
 """
 
+import contextlib
 import math
 
 import tensorflow as tf
 
 from seq2seq import decoding
+from seq2seq.quantization import dequantized_once
 
 COMBINATIONS = ("probabilities", "log_probabilities")
 
@@ -69,8 +71,11 @@ class Ensemble:
         """`Seq2SeqModel.generate` for the ensemble: `sources` holds one batch a member (the same
         sentences in each member's source ids); the options are the searches' (see
         `decoding.run_search`). Returns a `decoding.DecodingResult`."""
-        contexts, states = self.encode(sources)
-        batch_size = tf.shape(contexts[0]["memory"])[0]
-        return decoding.run_search(
-            self.step, states, contexts, batch_size, self.start_id, self.end_id, max_length, search=search, **options
-        )
+        with contextlib.ExitStack() as scopes:
+            for model in self.models:
+                scopes.enter_context(dequantized_once(model))
+            contexts, states = self.encode(sources)
+            batch_size = tf.shape(contexts[0]["memory"])[0]
+            return decoding.run_search(
+                self.step, states, contexts, batch_size, self.start_id, self.end_id, max_length, search=search, **options
+            )

@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq import decoding
+from seq2seq.quantization import dequantized_once
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
@@ -90,13 +91,14 @@ class Seq2SeqModel(keras.Model):
         (see `decoding.max_length_from_source`). prefix: None, or (ids [batch, P], lengths
         [batch]), the target tokens each row must start with (see `decoding`). Returns a
         `decoding.DecodingResult`."""
-        context, state = self.encode(source, training=False)
-        batch_size = tf.shape(context["memory"])[0]
-        return decoding.run_search(
-            self.decoder.step, state, context, batch_size, self.start_id, self.end_id, max_length, search=search,
-            beam_size=beam_size, length_penalty=length_penalty, length_normalize=length_normalize, n_best=n_best,
-            temperature=temperature, top_k=top_k, seed=seed, prefix=prefix,
-        )
+        with dequantized_once(self):
+            context, state = self.encode(source, training=False)
+            batch_size = tf.shape(context["memory"])[0]
+            return decoding.run_search(
+                self.decoder.step, state, context, batch_size, self.start_id, self.end_id, max_length, search=search,
+                beam_size=beam_size, length_penalty=length_penalty, length_normalize=length_normalize, n_best=n_best,
+                temperature=temperature, top_k=top_k, seed=seed, prefix=prefix,
+            )
 
     def get_config(self):
         return {

@@ -15,6 +15,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from seq2seq.quantization import int8_matrix
+
 PRECISIONS = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 CHOICES = ("auto", *PRECISIONS)
 # CPU flags (as /proc/cpuinfo spells them) of bfloat16 matrix units.
@@ -106,7 +108,10 @@ class Dense(keras.layers.Dense):
         self.float32_output = float32_output
 
     def call(self, inputs, training=None):
-        x = ops.matmul(inputs, self.kernel)
+        return self._finish(ops.matmul(inputs, self.kernel))
+
+    def _finish(self, x):
+        """The product x -> the layer's output: float32 (float32_output), bias, activation."""
         if self.float32_output:
             x = ops.cast(x, "float32")
         if self.bias is not None:
@@ -116,9 +121,15 @@ class Dense(keras.layers.Dense):
         return x
 
     def quantize(self, mode=None, type_check=True, config=None):
-        """Keras's Dense quantization (it refuses subclasses unless told otherwise); a
-        quantized layer runs Keras's own int8 call, in float32 inference."""
+        """Keras's Dense quantization (it refuses subclasses unless told otherwise), for
+        inference only (int8 weights get no gradient)."""
         return super().quantize(mode, type_check=False, config=config)
+
+    def _int8_call(self, inputs, training=None):
+        """The int8 layer's product with its kernel read dequantized (`quantization.int8_matrix`:
+        once per decoding call under `dequantized_once`, where Keras's own int8 call casts the
+        kernel and rescales the product at every step)."""
+        return self._finish(ops.matmul(inputs, int8_matrix(self.kernel, self.kernel_scale, inputs.dtype)))
 
     def get_config(self):
         return {**super().get_config(), "float32_output": self.float32_output}
