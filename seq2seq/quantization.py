@@ -35,8 +35,9 @@ def int8_matrix(kernel, scale, dtype):
 def dequantized_once(model, dtype=tf.float32):
     """Within: the int8 kernels of `model` (variables with a `<path>_scale` beside them; int8
     embeddings are looked up row by row and stay as they are) are read as float matrices
-    dequantized here, once. Wrap a whole decoding call (encoder and search loop) in it."""
-    by_path = {variable.path: variable for variable in model.variables}
+    dequantized here, once. Wrap a whole decoding call (encoder and search loop) in it. (A
+    step-contract stand-in without `variables` has nothing to dequantize.)"""
+    by_path = {variable.path: variable for variable in getattr(model, "variables", ())}
     entered = []
     for path, variable in by_path.items():
         scale = by_path.get(path + "_scale")

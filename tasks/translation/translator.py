@@ -115,8 +115,9 @@ class Translator(tf.Module):
         """texts [N] -> dict of translations [N], scores [N], nbest_translations [N, n_best],
         nbest_scores [N, n_best], source_tokens [N, S], target_tokens [N, T],
         attention [N, T, S] (of the best hypothesis) and source_truncated [N] bool.
-        beam_size 1 runs greedy search."""
-        return self._translate(texts, beam_size, n_best, length_penalty)
+        beam_size 1 runs greedy search. It is `translate_with_prefix` without prefixes (the same
+        outputs), so a SavedModel holds the decoding graph once: half the graph to load."""
+        return self.translate_with_prefix(texts, tf.fill(tf.shape(texts), ""), beam_size, n_best, length_penalty)
 
     @tf.function(input_signature=[TEXT_SPEC, PREFIX_SPEC, *SEARCH_SPECS])
     def translate_with_prefix(self, texts, prefixes, beam_size, n_best, length_penalty):

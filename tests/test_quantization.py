@@ -1,0 +1,60 @@
+"""Int8 weights at inference: dequantized once per decoding call, the same search as float."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from seq2seq.model import build_rnn_model, float_weights, quantize_weights
+from seq2seq.transformer import build_transformer_model
+
+BUILDERS = {
+    "transformer": lambda: build_transformer_model(30, 30, num_layers=2, units=32, num_heads=2, dropout=0.0),
+    "rnn": lambda: build_rnn_model(30, 30, units=16, attention="bahdanau", dropout=0.0),
+}
+
+
+def _int8_casts_in_loops(concrete):
+    """How many int8 -> float casts the while-loop bodies of a traced function hold."""
+    library = concrete.graph.as_graph_def().library
+    return sum(
+        1
+        for function in library.function
+        if "while_body" in function.signature.name
+        for node in function.node_def
+        if node.op == "Cast" and node.attr["SrcT"].type == tf.int8.as_datatype_enum
+    )
+
+
+def _float_copy(model, build):
+    """A float model holding `model`'s weights dequantized."""
+    copy = build()
+    weights = float_weights(model)
+    for variable in copy.variables:
+        path = variable.path.split("/", 1)[-1]
+        if path in weights:
+            variable.assign(weights[path])
+    return copy
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_an_int8_model_decodes_as_its_dequantized_float_copy_with_no_kernel_cast_in_the_loop(kind):
+    keras.utils.set_random_seed(0)
+    model = BUILDERS[kind]()
+    source = np.random.default_rng(0).integers(4, 30, size=(3, 6)).astype("int32")
+    model({"source": source, "target_in": source})
+    quantize_weights(model)
+    float_model = _float_copy(model, BUILDERS[kind])
+    float_model({"source": source, "target_in": source})
+
+    def search(m):
+        return tf.function(lambda s: tuple(m.generate(s, search="beam", beam_size=3, max_length=8)))
+
+    traced = search(model).get_concrete_function(tf.TensorSpec([None, None], tf.int32))
+    # Only the decoder's int8 embedding rows are cast at a step, never a Dense or attention kernel.
+    assert _int8_casts_in_loops(traced) == 1
+    ids, lengths, scores, *_ = (t.numpy() for t in traced(tf.constant(source)))
+    float_ids, float_lengths, float_scores, *_ = (t.numpy() for t in search(float_model)(tf.constant(source)))
+    np.testing.assert_array_equal(ids, float_ids)
+    np.testing.assert_array_equal(lengths, float_lengths)
+    np.testing.assert_allclose(scores, float_scores, rtol=1e-4, atol=1e-4)
