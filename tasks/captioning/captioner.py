@@ -53,13 +53,25 @@ class Captioner(tf.Module):
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {max_pixels!r}")
         pixels_spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name="pixels")
-        self.caption = tf.function(self._caption, input_signature=[pixels_spec, BEAM_SPEC, PENALTY_SPEC])
-        self.caption_bytes = tf.function(self._caption_bytes, input_signature=[IMAGES_SPEC, BEAM_SPEC, PENALTY_SPEC])
         self.caption_with_prefix = tf.function(
             self._caption_with_prefix, input_signature=[pixels_spec, PREFIX_SPEC, BEAM_SPEC, PENALTY_SPEC]
         )
         self.caption_bytes_with_prefix = tf.function(
             self._caption_bytes_with_prefix, input_signature=[IMAGES_SPEC, PREFIX_SPEC, BEAM_SPEC, PENALTY_SPEC]
+        )
+        # Without prefixes: the prefix functions with empty ones (the same outputs), so a
+        # SavedModel holds each decoding graph once.
+        self.caption = tf.function(
+            lambda pixels, beam_size, length_penalty: self.caption_with_prefix(
+                pixels, tf.fill(tf.shape(pixels)[:1], ""), beam_size, length_penalty
+            ),
+            input_signature=[pixels_spec, BEAM_SPEC, PENALTY_SPEC],
+        )
+        self.caption_bytes = tf.function(
+            lambda images, beam_size, length_penalty: self.caption_bytes_with_prefix(
+                images, tf.fill(tf.shape(images), ""), beam_size, length_penalty
+            ),
+            input_signature=[IMAGES_SPEC, BEAM_SPEC, PENALTY_SPEC],
         )
         self.info = tf.function(self._info, input_signature=[])
 
