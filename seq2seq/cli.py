@@ -132,8 +132,10 @@ def add_export_command(commands, description, task, beam_size, length_penalty, h
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--beam-size", type=beam_width, default=beam_size,
                         help=f"beam width of serving_default, 1 to {MAX_BEAM_SIZE} (default: {beam_size})")
-    export.add_argument("--length-penalty", type=finite_float, default=length_penalty,
-                        help=f"GNMT alpha of the exported searches (default: {length_penalty})")
+    export.add_argument("--length-penalty", type=finite_float,
+                        help="GNMT alpha of the exported searches (default: with one --from-model, the one it was "
+                             f"exported with; else {length_penalty})")
+    export.set_defaults(fallback_length_penalty=length_penalty)
     export.add_argument("--weights", choices=("best", "last"), default="best", help="which weights (default: best)")
     export.set_defaults(handler=handler)
     return export

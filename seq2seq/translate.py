@@ -229,6 +229,8 @@ def command_export(args):
     members = [export_member(args, path, "run") for path in run_dirs]
     members += [export_member(args, path, "export") for path in from_models]
     (run, model), others = members[0], members[1:]
+    only_export = len(from_models) == 1 and not run_dirs
+    cli.choose_length_penalty(args, cli.model_path(from_models[0], "translation") if only_export else None)
     if others:  # members over different target vocabularies: one error line naming them, before anything is written
         ensemble_of([member_run.translator(member) for member_run, member in members], args.ensemble_combine, named)
     cli.write_export(

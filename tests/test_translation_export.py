@@ -353,6 +353,12 @@ def test_an_export_records_its_search_and_the_commands_take_its_length_penalty(w
 
     recorded = translations(export)
     assert recorded == translations(export, "--length-penalty", "-3")
+    # Exported again from it, a model keeps its recorded length penalty unless told otherwise.
+    assert cli("export", "--from-model", export, "--output", tmp_path / "again", "--version", "1") == 0
+    assert json.loads((tmp_path / "again" / "1" / "assets.extra" / "search.json").read_text())["length_penalty"] == -3.0
+    assert cli("export", "--from-model", export, "--output", tmp_path / "again", "--version", "2",
+               "--length-penalty", "1.0") == 0
+    assert json.loads((tmp_path / "again" / "2" / "assets.extra" / "search.json").read_text())["length_penalty"] == 1.0
     assert translations(word_model[1]) == translations(export, "--length-penalty", "0.6")
     assert recorded != translations(export, "--length-penalty", "0.6")
     (export / "assets.extra" / "search.json").write_text("{}")
