@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from seq2seq import products
 from seq2seq.attention import make_attention
 from seq2seq.precision import Dense, Dropout
 from seq2seq.rnn import RecurrentCell, check_cell_type
@@ -30,7 +31,11 @@ def _float32_context(context):
 def tied_logits(x, embeddings, bias):
     """x [..., dim] @ embeddings^T in x's dtype, then cast to float32 and + bias (float32):
     the embedding matrix as the output projection, as `Dense(float32_output=True)` does."""
-    logits = ops.matmul(x, ops.transpose(ops.cast(embeddings, x.dtype)))
+    matrix = products.weight(embeddings)  # under `products.prepared`: made once per decoding call
+    if matrix is embeddings:
+        logits = ops.matmul(x, ops.transpose(ops.cast(embeddings, x.dtype)))
+    else:
+        logits = products.matmul(x, matrix, transpose_b=True)
     return ops.cast(logits, "float32") + ops.cast(bias, "float32")
 
 

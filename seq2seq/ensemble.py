@@ -13,7 +13,7 @@ import math
 import tensorflow as tf
 
 from seq2seq import decoding
-from seq2seq.quantization import dequantized_once
+from seq2seq.products import prepared
 
 COMBINATIONS = ("probabilities", "log_probabilities")
 
@@ -73,7 +73,7 @@ class Ensemble:
         `decoding.run_search`). Returns a `decoding.DecodingResult`."""
         with contextlib.ExitStack() as scopes:
             for model in self.models:
-                scopes.enter_context(dequantized_once(model))
+                scopes.enter_context(prepared(model))
             contexts, states = self.encode(sources)
             batch_size = tf.shape(contexts[0]["memory"])[0]
             return decoding.run_search(

@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq import decoding
-from seq2seq.quantization import dequantized_once
+from seq2seq.products import prepared
 
 
 @keras.saving.register_keras_serializable(package="seq2seq")
@@ -91,7 +91,7 @@ class Seq2SeqModel(keras.Model):
         (see `decoding.max_length_from_source`). prefix: None, or (ids [batch, P], lengths
         [batch]), the target tokens each row must start with (see `decoding`). Returns a
         `decoding.DecodingResult`."""
-        with dequantized_once(self):
+        with prepared(self):
             context, state = self.encode(source, training=False)
             batch_size = tf.shape(context["memory"])[0]
             return decoding.run_search(

@@ -9,32 +9,16 @@ decoder loop), `Dense` below (bias gradients) and `Dropout` (its noise).
 
 import contextlib
 import sys
-from pathlib import Path
 
 import keras
 import tensorflow as tf
 from keras import ops
 
-from seq2seq.quantization import int8_matrix
+from seq2seq import products
+from seq2seq.products import BF16_CPU_FLAGS, bf16_flags as _bf16_flags, cpu_flags  # noqa: F401
 
 PRECISIONS = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 CHOICES = ("auto", *PRECISIONS)
-# CPU flags (as /proc/cpuinfo spells them) of bfloat16 matrix units.
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_flags(cpuinfo="/proc/cpuinfo"):
-    """The set of CPU feature flags of the first processor in /proc/cpuinfo (empty if unreadable)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def resolve_precision(precision, flags=None, verbose=True):
     """The precision to train with: `precision` itself, or for "auto" "bf16" on a CPU with
     bfloat16 matrix units (AMX or AVX512-BF16) and "float32" elsewhere; "auto" prints its
@@ -48,10 +32,6 @@ def resolve_precision(precision, flags=None, verbose=True):
     if verbose:
         print(f"precision: {describe_precision('auto', chosen, flags)}", file=sys.stderr, flush=True)
     return chosen
-
-
-def _bf16_flags(flags):
-    return [flag for flag in BF16_CPU_FLAGS if flag in flags]
 
 
 def describe_precision(requested, resolved, flags=None):
@@ -108,7 +88,10 @@ class Dense(keras.layers.Dense):
         self.float32_output = float32_output
 
     def call(self, inputs, training=None):
-        return self._finish(ops.matmul(inputs, self.kernel))
+        kernel = products.weight(self.kernel)  # under `products.prepared`: made once per decoding call
+        if kernel is self.kernel:
+            return self._finish(ops.matmul(inputs, self.kernel))
+        return self._finish(products.matmul(inputs, kernel))
 
     def _finish(self, x):
         """The product x -> the layer's output: float32 (float32_output), bias, activation."""
@@ -126,10 +109,10 @@ class Dense(keras.layers.Dense):
         return super().quantize(mode, type_check=False, config=config)
 
     def _int8_call(self, inputs, training=None):
-        """The int8 layer's product with its kernel read dequantized (`quantization.int8_matrix`:
-        once per decoding call under `dequantized_once`, where Keras's own int8 call casts the
-        kernel and rescales the product at every step)."""
-        return self._finish(ops.matmul(inputs, int8_matrix(self.kernel, self.kernel_scale, inputs.dtype)))
+        """The int8 layer's product with its kernel dequantized (`products.weight`: once per
+        decoding call under `products.prepared`, where Keras's own int8 call casts the kernel and
+        rescales the product at every step)."""
+        return self._finish(products.matmul(inputs, products.weight(self.kernel, self.kernel_scale)))
 
     def get_config(self):
         return {**super().get_config(), "float32_output": self.float32_output}

@@ -34,9 +34,9 @@ from keras import ops
 
 from seq2seq.decoders import tied_logits
 from seq2seq.encoders import Bridge
+from seq2seq import products
 from seq2seq.keras_compat import replace_sublayer
 from seq2seq.precision import Dense, Dropout
-from seq2seq.quantization import int8_matrix
 
 POSITION_KINDS = ("sinusoidal", "learned")
 _MASKED = -1e9  # added to masked attention scores (float32): exp underflows to exactly zero
@@ -122,17 +122,16 @@ def _norm(name):
 def _as_matrix_product(dense, x, kernel_shape):
     """x [rows, inputs] through an EinsumDense of a `keras.layers.MultiHeadAttention` as one
     2-D matrix product with its kernel reshaped to `kernel_shape` [inputs, outputs], plus its
-    bias; an int8 kernel (weight-only, per output channel) is read dequantized
-    (`quantization.int8_matrix`: once per decoding call under `dequantized_once`). At a
-    decoding step's size (a few rows) oneDNN's einsum costs six times a MatMul of the same
-    product (measured: 84 against 14 us at 5 rows)."""
-    if dense.quantization_mode == "int8":
-        kernel = int8_matrix(dense.kernel, dense.kernel_scale, x.dtype)
-    elif dense.quantization_mode is not None:
+    bias. An int8 kernel (weight-only, per output channel) is read dequantized, and under
+    `products.prepared` the kernel is the one made once per decoding call (bfloat16 for
+    bfloat16 products). At a decoding step's size (a few rows) oneDNN's einsum costs six times
+    a MatMul of the same product (measured: 84 against 14 us at 5 rows)."""
+    if dense.quantization_mode not in (None, "int8"):
         raise ValueError(f"{dense.name}: quantization mode {dense.quantization_mode!r} is not supported (int8 is)")
-    else:
-        kernel = tf.reshape(tf.cast(dense.kernel, x.dtype), kernel_shape)
-    y = tf.matmul(x, kernel)
+    kernel = products.weight(dense.kernel, dense.kernel_scale if dense.quantization_mode == "int8" else None)
+    if kernel is dense.kernel:
+        kernel = tf.cast(kernel, x.dtype)
+    y = products.matmul(x, tf.reshape(kernel, kernel_shape))
     if dense.bias is not None:
         y = y + tf.reshape(tf.cast(dense.bias, y.dtype), [-1])
     return y

@@ -2,6 +2,7 @@
 only ops TF Serving has (no Python callbacks)."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -200,13 +201,14 @@ def test_translate_signature_beam_size_1_is_greedy_and_n_best_works(word_model, 
     assert decode(nbest["translations"]) == decode(served["translations"])
 
     # `translate` is `translate_with_prefix` without prefixes: the export holds one beam loop
-    # and one greedy loop, not a copy each for every signature (less graph to load).
+    # and one greedy loop for each product precision (float32, bfloat16), not a copy each for
+    # every signature (less graph to load).
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel.FromString((Path(word_model[1]) / "saved_model.pb").read_bytes())
     loops = [f.signature.name for f in saved.meta_graphs[0].graph_def.library.function]
-    search_loops = [name for name in loops if name.startswith("cond_while_body_")]  # in tf.cond(beam_size > 1)
-    assert len(search_loops) == 2, sorted(loops)
+    search_loops = [name for name in loops if re.fullmatch(r"cond_cond_while_body_\d+", name)]
+    assert len(search_loops) == 4, sorted(name for name in loops if "body" in name)
     prefixed = word_export.translate_with_prefix(texts, tf.fill([len(TEXTS)], ""), tf.constant(5), tf.constant(3), tf.constant(0.6))
     assert decode(prefixed["nbest_translations"][:, 0]) == decode(nbest["nbest_translations"][:, 0])
 

@@ -6,6 +6,7 @@ and what `export` writes into the SavedModel, so both run the very same graph.
 
 import tensorflow as tf
 
+from seq2seq import products
 from seq2seq.decoding import max_length_from_source, one_prefix_each, prefix_from_ragged
 from seq2seq.ensemble import Ensemble
 from seq2seq.model import ExportedModel
@@ -54,6 +55,10 @@ class Translator(tf.Module):
         self.length_offset = length_offset
         self.replace_unknown = replace_unknown
         self.combine = "probabilities"
+        # Matrix products in bfloat16 (weights made bfloat16 once per call, see seq2seq.products):
+        # about 1.3x faster decoding on CPUs with AMX or AVX512-BF16, slower elsewhere. Off in a
+        # SavedModel as written (right on every CPU); `use_bfloat16_products` turns it on.
+        self.bf16_products = tf.Variable(False, trainable=False, name="bf16_products")
 
     def _members(self, exported, sides):
         """The models and their source sides ((tokenizer, vocabulary, max_source_length) each): the
@@ -152,7 +157,13 @@ class Translator(tf.Module):
                 )
             )
 
-        ids, lengths, scores, _, attention = tf.cond(beam_size > 1, beam, greedy)
+        def search(dtype):
+            def run():
+                with products.product_dtype(dtype):
+                    return tf.cond(beam_size > 1, beam, greedy)
+            return run
+
+        ids, lengths, scores, _, attention = tf.cond(self.bf16_products, search(tf.bfloat16), search(tf.float32))
         batch_size = tf.shape(ids)[0]
         hypotheses = tf.shape(ids)[1]
         flat_ids = tf.reshape(ids, [batch_size * hypotheses, -1])  # [N*H, T]

@@ -1,4 +1,5 @@
-"""Int8 weights at inference: dequantized once per decoding call, the same search as float."""
+"""Products at inference: int8 weights dequantized once per decoding call (the same search as
+float), and bfloat16 products switched on per CPU."""
 
 import keras
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from seq2seq.model import build_rnn_model, float_weights, quantize_weights
+from seq2seq.products import use_bfloat16_products
 from seq2seq.transformer import build_transformer_model
 
 BUILDERS = {
@@ -58,3 +60,45 @@ def test_an_int8_model_decodes_as_its_dequantized_float_copy_with_no_kernel_cast
     np.testing.assert_array_equal(ids, float_ids)
     np.testing.assert_array_equal(lengths, float_lengths)
     np.testing.assert_allclose(scores, float_scores, rtol=1e-4, atol=1e-4)
+
+
+def _matmul_dtypes_in_loops(saved_model_dir):
+    """The dtypes of the MatMul ops inside the while-loop bodies of a SavedModel."""
+    from pathlib import Path
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    return {
+        tf.as_dtype(node.attr["T"].type).name
+        for function in saved.meta_graphs[0].graph_def.library.function
+        if "while_body" in function.signature.name
+        for node in function.node_def
+        if node.op == "MatMul"
+    }
+
+
+def test_bf16_products_translate_like_float_and_auto_follows_the_cpu(word_model):
+    from conftest import SAMPLE_SENTENCES
+
+    export = tf.saved_model.load(str(word_model[1]))
+    # Both searches are in the graph: float32 products, and bfloat16 ones behind the switch.
+    assert _matmul_dtypes_in_loops(word_model[1]) == {"float32", "bfloat16"}
+    assert not export.bf16_products.numpy()  # as exported: right on every CPU
+
+    def translate():
+        out = export.translate(tf.constant(SAMPLE_SENTENCES), tf.constant(5), tf.constant(1), tf.constant(0.6))
+        return out["scores"].numpy()
+
+    assert use_bfloat16_products(export, "float32") == "float32"
+    float_scores = translate()
+    assert use_bfloat16_products(export, "bf16") == "bf16" and export.bf16_products.numpy()
+    # bfloat16 products change the log-probabilities by far less than a token's worth.
+    np.testing.assert_allclose(translate(), float_scores, atol=0.05)
+
+    assert use_bfloat16_products(export, "auto", flags={"sse2", "avx512_bf16"}) == "bf16"
+    assert use_bfloat16_products(export, "auto", flags={"sse2", "avx2"}) == "float32"
+    assert not export.bf16_products.numpy()
+    assert use_bfloat16_products(object(), "bf16") == "float32"  # exported before the switch
+    with pytest.raises(ValueError, match="precision must be one of"):
+        use_bfloat16_products(export, "fp16")
