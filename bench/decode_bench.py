@@ -1,6 +1,6 @@
 """Decoding speed of an exported translation SavedModel. Run by hand, never as a test.
 
-    python bench/decode_bench.py saved_models/multi30k_en_de_transformer [--repeats 2] [--skip-cli]
+    python bench/decode_bench.py saved_models/multi30k_en_de_transformer [--repeats 2] [--skip-cli] [--precision auto]
 
 For greedy and beam 5 over Multi30k test_2016_flickr (in-process, the `translate` signature,
 batches of 64 sorted by length) it prints the wall time, sentences/s, generated tokens/s
@@ -33,6 +33,7 @@ sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / "bench"))
 
 from seq2seq import cli  # noqa: E402
+from seq2seq.products import use_bfloat16_products  # noqa: E402
 from seq2seq.tasks.translation.data import read_lines  # noqa: E402
 from seq2seq.tasks.translation.inference import translate_lines  # noqa: E402
 from seq2seq.tasks.translation.evaluation import corpus_scores  # noqa: E402
@@ -105,6 +106,9 @@ def main():
     parser.add_argument("--latency-sentences", type=int, default=200)
     parser.add_argument("--reference-tflop", type=float, default=0.77)
     parser.add_argument("--skip-cli", action="store_true", help="do not time the CLI start-up")
+    parser.add_argument("--precision", choices=("auto", "float32", "bf16"), default="auto",
+                        help="matrix products of the searches, as `translate --precision` (default: auto, bf16 "
+                             "where the CPU has bfloat16 units; exports made before the switch: float32)")
     parser.add_argument("--profile", type=int, metavar="BATCHES",
                         help="only profile beam 5 over this many batches and print the per-op table (needs xprof)")
     args = parser.parse_args()
@@ -115,7 +119,8 @@ def main():
     references = read_lines(DATA / "test_2016_flickr.de.gz")
     start = time.perf_counter()
     model = tf.saved_model.load(str(model_dir))
-    print(f"{model_dir}: loaded in {time.perf_counter() - start:.1f} s")
+    print(f"{model_dir}: loaded in {time.perf_counter() - start:.1f} s; "
+          f"products {use_bfloat16_products(model, args.precision)}")
     if args.profile:
         return profile(model, sources, args)
     rate = matmul_rate()

@@ -132,14 +132,19 @@ class AttentionDecoder(keras.layers.Layer):
     def _first_layer_inputs(self, embedded):
         """embedded [..., embedding_dim] -> the embedding part of layer 0's input projection."""
         cell = self.cells[0]
+        made = products.prepared_weight(cell.kernel)  # under `products.prepared` (decoding)
+        if made is not None:
+            return products.matmul(embedded, made[: self.embedding_dim]) + ops.cast(cell.bias, embedded.dtype)
         kernel = ops.cast(cell.kernel[: self.embedding_dim], embedded.dtype)
         return ops.matmul(embedded, kernel) + ops.cast(cell.bias, embedded.dtype)
 
     def _feed_kernel(self):
-        """The input-feeding rows of layer 0's input kernel [units, gates*units] (float32), or None."""
+        """The input-feeding rows of layer 0's input kernel [units, gates*units] (float32, or as
+        `products.prepared` made it), or None."""
         if not self.input_feeding:
             return None
-        return self.cells[0].kernel[self.embedding_dim :]
+        made = products.prepared_weight(self.cells[0].kernel)  # under `products.prepared`: its dtype
+        return (self.cells[0].kernel if made is None else made)[self.embedding_dim :]
 
     def _recurrence(self, projected_embedding, state, context, feed_kernel, layer_dropout=None, output_dropout=None):
         """One decoder step after the embedding projection.
@@ -151,7 +156,9 @@ class AttentionDecoder(keras.layers.Layer):
         [batch, src_len] (float32).
         """
         x = projected_embedding
-        if self.input_feeding:
+        if self.input_feeding and products.prepared_weight(self.cells[0].kernel) is not None:
+            x = x + products.matmul(state["feed"], feed_kernel)
+        elif self.input_feeding:
             x = x + ops.matmul(state["feed"], ops.cast(feed_kernel, x.dtype))
         new_cells = []
         h = None

@@ -46,10 +46,15 @@ def _dequantize(kernel, scale, dtype):
     return tf.cast(tf.reshape(matrix, kernel.shape), dtype)
 
 
+def prepared_weight(variable):
+    """The weight `prepared` made of `variable` (within its scope), else None."""
+    return _PREPARED.get(id(variable))
+
+
 def weight(variable, scale=None):
     """The weight to multiply by: the one `prepared` made, when its scope is active, else
     `variable` dequantized (int8 with its `scale`) or `variable` itself."""
-    made = _PREPARED.get(id(variable))
+    made = prepared_weight(variable)
     if made is not None:
         return made
     if scale is not None and variable.dtype == tf.int8:

@@ -21,6 +21,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from seq2seq import products
+
 CELL_TYPES = ("simple_rnn", "lstm", "gru")
 _GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3}
 
@@ -78,6 +80,9 @@ class RecurrentCell(keras.layers.Layer):
 
     def project_inputs(self, inputs):
         """inputs: [..., input_dim] -> [..., gates * units], for any number of leading axes."""
+        made = products.prepared_weight(self.kernel)  # under `products.prepared` (decoding)
+        if made is not None:
+            return products.matmul(inputs, made) + ops.cast(self.bias, inputs.dtype)
         return ops.matmul(inputs, ops.cast(self.kernel, inputs.dtype)) + ops.cast(self.bias, inputs.dtype)
 
     def initial_state(self, batch_size):
@@ -93,7 +98,10 @@ class RecurrentCell(keras.layers.Layer):
         # The product in the compute dtype; the gates' element-wise work in float32 (as
         # fast on this CPU, and one cast each way per step).
         dtype = projected_inputs.dtype
-        if recurrent_kernel is None:
+        made = products.prepared_weight(self.recurrent_kernel)  # under `products.prepared` (decoding)
+        if made is not None:
+            recurrent = products.matmul(ops.cast(state[0], dtype), made)
+        elif recurrent_kernel is None:
             recurrent = ops.matmul(ops.cast(state[0], dtype), ops.cast(self.recurrent_kernel, dtype))
         else:
             recurrent = product_without_kernel_gradient(ops.cast(state[0], dtype), recurrent_kernel)
