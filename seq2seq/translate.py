@@ -244,7 +244,7 @@ def command_export(args):
         ensemble_of([member_run.translator(member) for member_run, member in members], args.ensemble_combine, named)
     cli.write_export(
         lambda path: export(run, model, path, args.beam_size, args.length_penalty, args.replace_unknown,
-                            ensemble=others, combine=args.ensemble_combine),
+                            ensemble=others, combine=args.ensemble_combine, bf16_products=args.bf16_products),
         args.output, args.version,
     )
 
@@ -334,6 +334,10 @@ def build_parser():
                              "about 4x smaller; bf16: every weight stored and every matrix product run in "
                              "bfloat16, 2x smaller and the fastest on CPUs with AMX or AVX512-BF16 (slower on "
                              "others); with --from-model, bf16 converts a float32 or int8 export (default: none)")
+    export.add_argument("--bf16-products", action="store_true",
+                        help="the export's searches start with bfloat16 matrix products (weights kept as they are): "
+                             "for TF Serving on CPUs with AMX or AVX512-BF16; translate and evaluate choose per CPU "
+                             "whatever this says (default: float32 products, right on every CPU)")
     return parser
 
 

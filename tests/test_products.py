@@ -102,3 +102,10 @@ def test_bf16_products_translate_like_float_and_auto_follows_the_cpu(word_model)
     assert use_bfloat16_products(object(), "bf16") == "float32"  # exported before the switch
     with pytest.raises(ValueError, match="precision must be one of"):
         use_bfloat16_products(export, "fp16")
+
+
+def test_export_bf16_products_writes_the_switch_on(word_model, tmp_path):
+    from conftest import cli
+
+    assert cli("export", "--run-dir", word_model[0], "--output", tmp_path / "m", "--version", "1", "--bf16-products") == 0
+    assert tf.saved_model.load(str(tmp_path / "m" / "1")).bf16_products.numpy()

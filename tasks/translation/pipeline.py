@@ -405,18 +405,23 @@ def _train(config, precision_note, validation_bleu, callbacks):
 
 
 def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unknown=False, ensemble=(),
-           combine="probabilities"):
+           combine="probabilities", bf16_products=False):
     """Writes a SavedModel with `serving_default` (texts -> translations, scores; beam search
     inside), `translate` (texts, beam_size, n_best, length_penalty -> everything) and
     `translate_with_prefix` (the same with a target prefix a text).
 
     `ensemble`: more (run, model) pairs; the SavedModel then decodes with the ensemble of all
     (`Translator.ensemble(combine)`, one target vocabulary) and keeps every member's config and
-    vocabularies in assets.extra/members/N/ beside the first member's own."""
+    vocabularies in assets.extra/members/N/ beside the first member's own.
+
+    `bf16_products`: the export's searches start with bfloat16 matrix products switched on
+    (`Translator.bf16_products`), for servers with AMX or AVX512-BF16; this toolkit's commands
+    set the switch per CPU when they load an export anyway."""
     translator = run.translator(model, replace_unknown=replace_unknown)
     if ensemble:
         members = [translator, *(member_run.translator(member) for member_run, member in ensemble)]
         translator = Translator.ensemble(members, combine)
+    translator.bf16_products.assign(bf16_products)
     signatures = {
         "serving_default": translator.serving_function(beam_size, length_penalty),
         "translate": translator.translate,
