@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq import products
-from seq2seq.products import BF16_CPU_FLAGS, bf16_flags as _bf16_flags, cpu_flags  # noqa: F401
+from seq2seq.products import bf16_flags, cpu_flags
 
 PRECISIONS = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 CHOICES = ("auto", *PRECISIONS)
@@ -28,7 +28,7 @@ def resolve_precision(precision, flags=None, verbose=True):
     if precision != "auto":
         return precision
     flags = cpu_flags() if flags is None else set(flags)
-    chosen = "bf16" if _bf16_flags(flags) else "float32"
+    chosen = "bf16" if bf16_flags(flags) else "float32"
     if verbose:
         print(f"precision: {describe_precision('auto', chosen, flags)}", file=sys.stderr, flush=True)
     return chosen
@@ -39,7 +39,7 @@ def describe_precision(requested, resolved, flags=None):
     e.g. "bf16 (automatic: the CPU has amx_bf16; --precision float32 overrides)"."""
     if requested != "auto":
         return resolved
-    found = _bf16_flags(cpu_flags() if flags is None else set(flags))
+    found = bf16_flags(cpu_flags() if flags is None else set(flags))
     reason = f"the CPU has {', '.join(found)}" if found else "the CPU has no AMX or AVX512-BF16"
     other = "float32" if resolved == "bf16" else "bf16"
     return f"{resolved} (automatic: {reason}; --precision {other} overrides)"

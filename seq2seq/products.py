@@ -9,10 +9,10 @@ Inside a decoding loop a step should run bare products. Two things got in the wa
 Within `prepared(model)` every product weight of `model` (int8 kernels dequantized, and, for
 bfloat16 products, float kernels and tied embedding matrices cast) is made once, where the scope
 is entered (before the loop), in the product dtype that `product_dtype(...)` set; the product
-sites (`Dense`, the Transformer's attention projections, tied output layers) read it through
-`weight` and multiply with `matmul`. Activations, normalization, softmax, recurrent states
-and logits stay float32. Outside the scope (training, a teacher-forced pass) the sites compute
-as before.
+sites (`Dense`, the Transformer's attention projections, tied output layers, the RNN cells)
+read it through `weight` or `prepared_weight` and multiply with `matmul`. Activations,
+normalization, softmax, recurrent states and logits stay float32. Outside the scope (training,
+a teacher-forced pass) the sites compute as before.
 """
 
 import contextlib
