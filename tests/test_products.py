@@ -11,7 +11,7 @@ from seq2seq.products import use_bfloat16_products
 from seq2seq.transformer import build_transformer_model
 
 BUILDERS = {
-    "transformer": lambda: build_transformer_model(30, 30, num_layers=2, units=32, num_heads=2, dropout=0.0),
+    "transformer": lambda: build_transformer_model(30, 30, num_layers=1, units=16, num_heads=2, dropout=0.0),
     "rnn": lambda: build_rnn_model(30, 30, units=16, attention="bahdanau", dropout=0.0),
 }
 
@@ -50,7 +50,7 @@ def test_an_int8_model_decodes_as_its_dequantized_float_copy_with_no_kernel_cast
     float_model({"source": source, "target_in": source})
 
     def search(m):
-        return tf.function(lambda s: tuple(m.generate(s, search="beam", beam_size=3, max_length=8)))
+        return tf.function(lambda s: tuple(m.generate(s, search="beam", beam_size=3, max_length=6)))
 
     traced = search(model).get_concrete_function(tf.TensorSpec([None, None], tf.int32))
     # Only the decoder's int8 embedding rows are cast at a step, never a Dense or attention kernel.
