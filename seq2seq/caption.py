@@ -250,8 +250,9 @@ def command_export(args):
     if args.from_model:
         if args.weights != "best":
             raise cli.CommandError("--from-model keeps the export's weights as they are: drop --weights")
-        run, model = load_export(cli.model_path(args.from_model, "captioning"))
-        cli.choose_length_penalty(args, cli.model_path(args.from_model, "captioning"))
+        path = cli.model_path(args.from_model, "captioning")
+        run, model = load_export(path)
+        cli.choose_length_penalty(args, path)
     else:
         cli.choose_length_penalty(args, None)
         cli.check_model_task(args.run_dir, "captioning")

@@ -31,11 +31,11 @@ def _float32_context(context):
 def tied_logits(x, embeddings, bias):
     """x [..., dim] @ embeddings^T in x's dtype, then cast to float32 and + bias (float32):
     the embedding matrix as the output projection, as `Dense(float32_output=True)` does."""
-    matrix = products.weight(embeddings)  # under `products.prepared`: made once per decoding call
-    if matrix is embeddings:
-        logits = ops.matmul(x, ops.transpose(ops.cast(embeddings, x.dtype)))
+    made = products.prepared_weight(embeddings)  # under `products.prepared` (decoding)
+    if made is not None:
+        logits = products.matmul(x, made, transpose_b=True)
     else:
-        logits = products.matmul(x, matrix, transpose_b=True)
+        logits = ops.matmul(x, ops.transpose(ops.cast(embeddings, x.dtype)))
     return ops.cast(logits, "float32") + ops.cast(bias, "float32")
 
 

@@ -15,10 +15,12 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq import products
-from seq2seq.products import bf16_flags, cpu_flags
+from seq2seq.products import bf16_flags, cpu_flags, preferred_precision
 
 PRECISIONS = {"float32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 CHOICES = ("auto", *PRECISIONS)
+
+
 def resolve_precision(precision, flags=None, verbose=True):
     """The precision to train with: `precision` itself, or for "auto" "bf16" on a CPU with
     bfloat16 matrix units (AMX or AVX512-BF16) and "float32" elsewhere; "auto" prints its
@@ -28,7 +30,7 @@ def resolve_precision(precision, flags=None, verbose=True):
     if precision != "auto":
         return precision
     flags = cpu_flags() if flags is None else set(flags)
-    chosen = "bf16" if bf16_flags(flags) else "float32"
+    chosen = preferred_precision(flags)
     if verbose:
         print(f"precision: {describe_precision('auto', chosen, flags)}", file=sys.stderr, flush=True)
     return chosen
@@ -88,10 +90,10 @@ class Dense(keras.layers.Dense):
         self.float32_output = float32_output
 
     def call(self, inputs, training=None):
-        kernel = products.weight(self.kernel)  # under `products.prepared`: made once per decoding call
-        if kernel is self.kernel:
-            return self._finish(ops.matmul(inputs, self.kernel))
-        return self._finish(products.matmul(inputs, kernel))
+        made = products.prepared_weight(self.kernel)  # under `products.prepared` (decoding)
+        if made is not None:
+            return self._finish(products.matmul(inputs, made))
+        return self._finish(ops.matmul(inputs, self.kernel))
 
     def _finish(self, x):
         """The product x -> the layer's output: float32 (float32_output), bias, activation."""

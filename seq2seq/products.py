@@ -122,6 +122,12 @@ def bf16_flags(flags):
     return [flag for flag in BF16_CPU_FLAGS if flag in flags]
 
 
+def preferred_precision(flags):
+    """What "auto" means, for training and for decoding: "bf16" on a CPU whose `flags` include
+    bfloat16 matrix units (AMX or AVX512-BF16), else "float32"."""
+    return "bf16" if bf16_flags(flags) else "float32"
+
+
 def use_bfloat16_products(module, precision="auto", flags=None):
     """Sets the product precision of a Translator, or of a SavedModel it was exported as (its
     `bf16_products` switch): "bf16", "float32", or "auto": bf16 on a CPU with bfloat16 units
@@ -133,6 +139,6 @@ def use_bfloat16_products(module, precision="auto", flags=None):
     if switch is None:
         return "float32"
     if precision == "auto":
-        precision = "bf16" if bf16_flags(cpu_flags() if flags is None else set(flags)) else "float32"
+        precision = preferred_precision(cpu_flags() if flags is None else set(flags))
     switch.assign(precision == "bf16")
     return precision
