@@ -8,7 +8,8 @@ in training) in several forms, feeds each as encoded bytes to the SavedModel's
 `caption_with_attention` signature (decoding and resizing happen in the serving graph, as for
 TF Serving) and prints BLEU-1..4 and attention localisation for each: lossless PNG at the
 model's size, JPEG copies at qualities 90, 75 and 50, and PNG scenes rendered at other sizes
-and aspect ratios (96x96, 64x96, 96x64, width x height), which the graph resizes to its square input.
+and aspect ratios (96x96, 64x96, 96x64, width x height), which the graph fits to its square input
+(padding or squashing, as the model was trained).
 """
 
 import argparse
@@ -26,6 +27,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from seq2seq import cli  # noqa: E402
+from seq2seq.caption import model_info  # noqa: E402
 from seq2seq.tasks.captioning import shapes  # noqa: E402
 from seq2seq.tasks.captioning.evaluation import attention_localisation, corpus_bleu_scores  # noqa: E402
 
@@ -55,7 +57,7 @@ def encode(pixels, image_format, quality):
     return buffer.getvalue()
 
 
-def evaluate(signature, scenes, image_format, quality, beam_size, image_size):
+def evaluate(signature, scenes, image_format, quality, beam_size, image_size, fit):
     images = [encode(scene.image, image_format, quality) for scene in scenes]
     captions, tokens, attention = [], [], []
     for start in range(0, len(images), BATCH):
@@ -68,7 +70,7 @@ def evaluate(signature, scenes, image_format, quality, beam_size, image_size):
         attention += list(out["attention"].numpy())
         grid = (int(out["grid_height"]), int(out["grid_width"]))
     scores = corpus_bleu_scores(captions, [scene.captions for scene in scenes])
-    scores.update(attention_localisation(scenes, tokens, attention, grid, image_size))
+    scores.update(attention_localisation(scenes, tokens, attention, grid, image_size, fit))
     scores["example"] = captions[0]
     return scores
 
@@ -83,17 +85,18 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     model = cli.load_saved_model(cli.model_path(args.model, "captioning"))
-    image_size = int(model.info()["image_size"])
+    info = model_info(model)
+    image_size, fit = info["image_size"], info["image_fit"]
     signature = model.signatures["caption_with_attention"]
     results = {}
     print(f"{args.model}: {args.images} scenes of seed {args.seed}, beam {args.beam_size}, bytes through "
-          "caption_with_attention", file=sys.stderr)
+          f"caption_with_attention, other shapes fitted by {fit}", file=sys.stderr)
     print("| images | BLEU-1 | BLEU-4 | attention localisation |")
     print("| --- | --- | --- | --- |")
     for name, size, image_format, quality in variants(image_size):
         started = time.monotonic()
         scenes = shapes.make_splits(0, 0, args.images, args.seed, size)["test"]
-        scores = evaluate(signature, scenes, image_format, quality, args.beam_size, image_size)
+        scores = evaluate(signature, scenes, image_format, quality, args.beam_size, image_size, fit)
         results[name] = scores
         print(f"| {name} | {scores['bleu_1']:.4f} | {scores['bleu_4']:.4f} | {scores['localisation']:.1%} "
               f"({scores['hits']}/{scores['words']}) |", flush=True)

@@ -35,7 +35,11 @@ def resolve_model(path, weights="best"):
 
 
 def model_info(model):
-    return {key: int(value.numpy()) for key, value in model.info().items()}
+    """The model's `info()` as Python values; "image_fit" is "squash" for a model exported before it existed."""
+    info = {key: value.numpy() for key, value in model.info().items()}
+    info = {key: value.decode() if isinstance(value, bytes) else int(value) for key, value in info.items()}
+    info.setdefault("image_fit", "squash")
+    return info
 
 
 def command_train(args):
@@ -105,7 +109,7 @@ def expand_image_argument(argument):
     return [argument]
 
 
-def load_images_of_chunk(paths, image_size, on_error, warn):
+def load_images_of_chunk(paths, image_size, fit, on_error, warn):
     """Pixels [K, S, S, 3] of the readable images (None if there is none) and their positions in
     `paths`; a bad file is a warning or, with on_error "raise", an error naming it. Empty paths
     (blank input lines) are left out without a word."""
@@ -118,7 +122,7 @@ def load_images_of_chunk(paths, image_size, on_error, warn):
         if not path:
             continue
         try:
-            arrays.append(load_image(path, size=(image_size, image_size)))
+            arrays.append(load_image(path, size=(image_size, image_size), fit=fit))
             positions.append(position)
         except ImageError as error:
             if on_error == "raise":
@@ -139,7 +143,9 @@ def caption_in_chunks(args, model, paths):
     plot_pending = bool(args.plot_attention)
     with streaming.Progress("images") as progress:
         for chunk in streaming.chunks(paths, IMAGES_PER_CHUNK):
-            pixels, positions = load_images_of_chunk(chunk, info["image_size"], args.on_error, progress.write)
+            pixels, positions = load_images_of_chunk(
+                chunk, info["image_size"], info["image_fit"], args.on_error, progress.write
+            )
             chunk_blank = chunk.count("")
             blank += chunk_blank
             images += len(chunk) - chunk_blank
@@ -178,7 +184,7 @@ def plot_first_attention(pixels, out, info, caption, path, note):
     note(f"attention of the first image written to {path}")
 
 
-def evaluation_set(args, image_size):
+def evaluation_set(args, image_size, fit):
     from seq2seq.tasks.captioning import data
     from seq2seq.tasks.captioning.data import examples_set, shapes_test_set
 
@@ -197,12 +203,12 @@ def evaluation_set(args, image_size):
         if not args.image_folder:
             raise cli.CommandError("--karpathy-json needs --image-folder")
         examples = data.read_karpathy_json(args.karpathy_json, args.image_folder, args.split, on_missing=args.on_missing, warn=warn)
-        return examples_set(examples, image_size, args.on_error, args.karpathy_json)
+        return examples_set(examples, image_size, args.on_error, args.karpathy_json, fit)
     if args.tsv:
         examples = data.read_caption_tsv(args.tsv, args.image_folder, on_missing=args.on_missing, warn=warn)
-        return examples_set(examples, image_size, args.on_error, args.tsv)
+        return examples_set(examples, image_size, args.on_error, args.tsv, fit)
     examples = list(data.load_tfds_coco(args.tfds_split, args.tfds_data_dir, max_examples=args.tfds_max_examples, warn=warn))
-    return examples_set(examples, image_size, args.on_error, f"coco_captions[{args.tfds_split}]")
+    return examples_set(examples, image_size, args.on_error, f"coco_captions[{args.tfds_split}]", fit)
 
 
 def command_evaluate(args):
@@ -212,7 +218,7 @@ def command_evaluate(args):
     model = resolve_model(args.model, args.weights)
     cli.choose_length_penalty(args, cli.model_path(args.model, "captioning"))
     info = model_info(model)
-    test_set = evaluation_set(args, info["image_size"])
+    test_set = evaluation_set(args, info["image_size"], info["image_fit"])
     searches = [("greedy", 1)] + ([(f"beam {args.beam_size}", args.beam_size)] if args.beam_size > 1 else [])
     results = {"images": len(test_set), "searches": {}}
     for name, beam_size in searches:
@@ -225,7 +231,9 @@ def command_evaluate(args):
             line += f"  CIDEr-D {scores['cider_d']:.3f}"
         if test_set.scenes is not None:
             grid = (info["grid_height"], info["grid_width"])
-            localisation = attention_localisation(test_set.scenes, out["tokens"], out["attention"], grid, info["image_size"])
+            localisation = attention_localisation(
+                test_set.scenes, out["tokens"], out["attention"], grid, info["image_size"], info["image_fit"]
+            )
             scores.update(localisation)
             if localisation["localisation"] is not None:
                 line += f"  attention localisation {localisation['localisation']:.1%} ({localisation['hits']}/{localisation['words']} words)"

@@ -148,3 +148,17 @@ def test_a_run_saved_before_augmentation_existed_keeps_training_without_it(tmp_p
     path.write_text(yaml.safe_dump(values))
     loaded = CaptionConfig.load(path)
     assert loaded.augmentation.augment is False and not augment.is_on(loaded)
+
+
+def test_a_run_saved_before_image_fit_existed_keeps_squashing(tmp_path):
+    """Its model learnt from squashed images (and was served so); new runs pad by default."""
+    config = shapes_config(tmp_path)
+    assert config.model.image_fit == "pad"
+    values = config.to_dict()
+    del values["model"]["image_fit"]
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert CaptionConfig.load(path).model.image_fit == "squash"
+    values["model"]["image_fit"] = "pad"
+    path.write_text(yaml.safe_dump(values))
+    assert CaptionConfig.load(path).model.image_fit == "pad"

@@ -466,3 +466,26 @@ def test_exported_caption_with_prefix_signature_matches_the_in_process_captioner
     expected = captioner.prefix_function()(images=batch, prefixes=prefixes, beam_size=tf.constant(3))
     assert served["captions"].numpy().tolist() == expected["captions"].numpy().tolist()
     assert served["captions"].numpy()[0].decode().split()[0] == word
+
+
+def test_cli_and_export_fit_other_shapes_alike_and_old_exports_squash(tiny_caption_run, loaded_export, images, capsys):
+    """New runs pad a non-square image to a square (image_fit "pad", in the export's info); the CLI
+    (Pillow) and the export (in-graph) do it alike, hence the same captions. An export made before
+    image_fit existed has no such entry, and the CLI squashes for it, as its graph does."""
+    import tensorflow as tf
+
+    assert loaded_export.info()["image_fit"].numpy() == b"pad"
+    paths = [images["odd"], images["jpeg"]]  # 50x40
+    code, out, err = run_cli(capsys, "caption", *paths, "--model", tiny_caption_run, "--beam-size", "2")
+    assert code == 0, err
+    served = loaded_export.signatures["caption_with_attention"](
+        images=tf.constant([Path(path).read_bytes() for path in paths]), beam_size=tf.constant(2)
+    )
+    assert out.split("\n")[:-1] == [caption.decode() for caption in served["captions"].numpy()]
+
+    class OldExport:
+        @staticmethod
+        def info():
+            return {"image_size": tf.constant(64), "max_pixels": tf.constant(10, tf.int64)}
+
+    assert caption.model_info(OldExport()) == {"image_size": 64, "max_pixels": 10, "image_fit": "squash"}

@@ -70,6 +70,18 @@ def test_attention_localisation_counts_colour_and_shape_words():
     assert attention_localisation([scene], [["a"]], np.zeros((1, 1, 64)), (8, 8), 64)["localisation"] is None
 
 
+def test_attention_localisation_maps_cells_as_the_image_was_fitted():
+    """A 64x128 (width x height) scene padded to a 128 square: its 64 columns sit at input columns
+    16-48 of 64, so cell (0, 2) (centre x 20, y 4) is at scene x (20 * 2 - 32) = 8, y 8; squashed,
+    that cell's centre is at scene x 20, y 8."""
+    tall = shapes.Scene(np.zeros((128, 64, 3), np.uint8), [], [shapes.ShapeObject("circle", "red", "large", (0, 0, 12, 12))])
+    attention = np.zeros((1, 1, 64), np.float32)
+    attention[0, 0, 2] = 1.0
+    padded = attention_localisation([tall], [["circle"]], attention, (8, 8), 64, fit="pad")
+    squashed = attention_localisation([tall], [["circle"]], attention, (8, 8), 64, fit="squash")
+    assert padded["hits"] == 1 and squashed["hits"] == 0
+
+
 def test_cider_d_of_a_hand_checked_example():
     """Two images, disjoint words, so every n-gram's IDF is ln 2 (it occurs in one image of two).
     Image 1: "A." against "a b": unigram cosine 1/sqrt(2) (clipped), no bigram, and the length

@@ -115,17 +115,76 @@ def decoded_same_files(decode):
     return {name: (files[name], pixels[row].numpy(), errors[row].numpy().decode()) for row, name in enumerate(files)}
 
 
+@pytest.fixture(scope="module")
+def squashing_captioner(captioner):
+    """The tiny run's model served as models trained before `image_fit` existed are: squashed."""
+    from seq2seq.tasks.captioning.captioner import Captioner
+
+    return Captioner(captioner.model, captioner.vocab, captioner.tokenizer, captioner.image_size,
+                     captioner.grid_size, image_fit="squash")
+
+
+@pytest.fixture(scope="module")
+def squashed_same_files(squashing_captioner):
+    files = same_files()
+    pixels, errors = tf.function(squashing_captioner.decode_images, input_signature=[IMAGES])(tf.constant(list(files.values())))
+    return {name: (files[name], pixels[row].numpy(), errors[row].numpy().decode()) for row, name in enumerate(files)}
+
+
+@pytest.mark.parametrize("fit", ["pad", "squash"])
 @pytest.mark.parametrize("name", list(same_files()))
-def test_graph_decodes_to_the_pixels_the_cli_loads(decoded_same_files, captioner, name):
-    """The CLI's load_image(size=(S, S)) and the graph agree: EXIF orientation, transparency on
-    white, JPEG DCT and draft scale, bilinear resize (rounded between its two passes, as Pillow's)."""
-    data, pixels, error = decoded_same_files[name]
+def test_graph_decodes_to_the_pixels_the_cli_loads(request, captioner, name, fit):
+    """The CLI's load_image(size=(S, S), fit=...) and the graph agree: EXIF orientation, transparency
+    on white, JPEG DCT and draft scale, padding to a square with edge pixels (fit "pad", the
+    default) or none, bilinear resize (rounded between its two passes, as Pillow's)."""
+    decoded = request.getfixturevalue("decoded_same_files" if fit == "pad" else "squashed_same_files")
+    assert captioner.image_fit == "pad"
+    data, pixels, error = decoded[name]
     size = captioner.image_size
-    expected = load_image(data, size=(size, size)).astype(int)
+    expected = load_image(data, size=(size, size), fit=fit).astype(int)
     difference = np.abs(pixels.astype(int) - expected)
     assert error == ""
     assert difference.max() <= 1, name  # Pillow's fixed-point resize weights: one level at most
     assert difference.mean() < 0.02, name
+
+
+@pytest.mark.parametrize("height, width", [(3, 8), (8, 3), (4, 7), (7, 4), (5, 5), (1, 6)])
+def test_pad_to_square_repeats_the_edges_alike_in_the_graph_and_the_cli(height, width):
+    from seq2seq.tasks.captioning.images import pad_to_square
+
+    pixels = np.random.default_rng(height * 10 + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    padded = pad_to_square(pixels)
+    side = max(height, width)
+    assert padded.shape == (side, side, 3)
+    top, left = (side - height) // 2, (side - width) // 2
+    np.testing.assert_array_equal(padded[top : top + height, left : left + width], pixels)
+    np.testing.assert_array_equal(padded[:top + 1, left : left + width], np.broadcast_to(pixels[:1], (top + 1, width, 3)))
+    np.testing.assert_array_equal(padded[top + height - 1 :, left : left + width],
+                                  np.broadcast_to(pixels[-1:], (side - top - height + 1, width, 3)))
+    np.testing.assert_array_equal(padded[top : top + height, : left + 1], np.broadcast_to(pixels[:, :1], (height, left + 1, 3)))
+    np.testing.assert_array_equal(graph.pad_to_square(tf.constant(pixels)).numpy(), padded)
+
+
+def test_padding_keeps_a_wide_image_in_shape_where_squashing_does_not(captioner, squashing_captioner):
+    """A 64x32 white image with a black 16x16 square in the middle: padded (the default), the square
+    stays square in the model input; squashed, it comes out twice as tall as wide."""
+    pixels = np.full((32, 64, 3), 255, np.uint8)
+    pixels[8:24, 24:40] = 0
+    data = encode(Image.fromarray(pixels), "PNG")
+    size = captioner.image_size
+
+    def dark_extent(served):
+        dark = served.max(axis=-1) < 128
+        return dark.any(axis=1).sum(), dark.any(axis=0).sum()  # rows, columns
+
+    padded = tf.function(captioner.decode_images)(tf.constant([data]))[0][0].numpy()
+    squashed = tf.function(squashing_captioner.decode_images)(tf.constant([data]))[0][0].numpy()
+    rows, columns = dark_extent(padded)
+    assert abs(rows - columns) <= 1 and abs(columns - size // 4) <= 1, (rows, columns)
+    rows, columns = dark_extent(squashed)
+    assert abs(rows - 2 * columns) <= 2 and abs(columns - size // 4) <= 1, (rows, columns)
+    np.testing.assert_array_equal(padded, load_image(data, size=(size, size), fit="pad"))
+    np.testing.assert_array_equal(squashed, load_image(data, size=(size, size), fit="squash"))
 
 
 def test_exif_orientation_and_transparency_change_the_pixels(decoded_same_files):

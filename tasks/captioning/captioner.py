@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from seq2seq.decoding import one_prefix_each, prefix_from_ragged
 from seq2seq.model import ExportedModel
-from seq2seq.tasks.captioning.image_graph import CORRUPT_IMAGE, DECODE_PARALLELISM, decode_rgb, refusal
-from seq2seq.tasks.captioning.images import DEFAULT_MAX_PIXELS
+from seq2seq.tasks.captioning.image_graph import CORRUPT_IMAGE, DECODE_PARALLELISM, decode_rgb, pad_to_square, refusal
+from seq2seq.tasks.captioning.images import DEFAULT_MAX_PIXELS, check_fit
 
 IMAGES_SPEC = tf.TensorSpec([None], tf.string, name="images")
 BEAM_SPEC = tf.TensorSpec([], tf.int32, name="beam_size")
@@ -33,14 +33,15 @@ class Captioner(tf.Module):
     """Captions a batch of images with a trained image Seq2SeqModel (ImageEncoder encoder).
 
     image_size: the square model input; any other image size is resized in-graph (Pillow's
-    bilinear, see `resize`). grid_size: (h, w) of the attention grid. max_length: the longest
+    bilinear, see `resize`), after padding to a square with image_fit "pad" (see
+    `images.IMAGE_FITS`; "squash" for models trained before the option existed). grid_size: (h, w) of the attention grid. max_length: the longest
     caption, in tokens, the searches may produce (the end token excluded). max_pixels: the
     largest declared width x height an encoded image may have (larger ones are refused
     before decoding); the CLI's limit by default.
     """
 
     def __init__(self, model, vocab, tokenizer, image_size, grid_size, max_length=30, max_pixels=DEFAULT_MAX_PIXELS,
-                 name=None):
+                 image_fit="squash", name=None):
         super().__init__(name=name)
         self._exported = ExportedModel(model)
         self.model_variables = self._exported.variables
@@ -50,6 +51,7 @@ class Captioner(tf.Module):
         self.grid_size = tuple(int(g) for g in grid_size)
         self.max_length = int(max_length)
         self.max_pixels = int(max_pixels)
+        self.image_fit = check_fit(image_fit)
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {max_pixels!r}")
         pixels_spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name="pixels")
@@ -80,8 +82,10 @@ class Captioner(tf.Module):
         return self._exported.model
 
     def _info(self):
-        """{"image_size", "grid_height", "grid_width", "max_length"}: int32 scalars; "max_pixels": int64."""
+        """{"image_size", "grid_height", "grid_width", "max_length"}: int32 scalars; "max_pixels": int64;
+        "image_fit": string."""
         return {
+            "image_fit": tf.constant(self.image_fit),
             "image_size": tf.constant(self.image_size),
             "grid_height": tf.constant(self.grid_size[0]),
             "grid_width": tf.constant(self.grid_size[1]),
@@ -90,10 +94,12 @@ class Captioner(tf.Module):
         }
 
     def resize(self, image):
-        """image [H, W, 3] uint8 -> [S, S, 3] uint8 as Pillow's bilinear resize (the CLI's) makes it:
-        antialiased when shrinking, the width pass first, each pass rounded to uint8; unchanged
-        when already S x S."""
+        """image [H, W, 3] uint8 -> [S, S, 3] uint8 as the CLI's `images.load_image` makes it: padded
+        to a square first with image_fit "pad", then Pillow's bilinear resize: antialiased when
+        shrinking, the width pass first, each pass rounded to uint8; unchanged when already S x S."""
         size = self.image_size
+        if self.image_fit == "pad":
+            image = pad_to_square(image)
         shape = tf.shape(image)
 
         def resized(pixels, to):

@@ -5,6 +5,7 @@ import dataclasses
 from seq2seq.config import SectionedConfig, check_choices, option, with_default
 from seq2seq.factory import ModelSpec
 from seq2seq.training import TrainingConfig
+from seq2seq.tasks.captioning.images import IMAGE_FITS
 from seq2seq.tasks.captioning.encoder import (
     ACTIVATIONS, BACKBONES, SMALL_CNN_FILTERS, SMALL_CNN_POOLS, check_small_cnn_options,
 )
@@ -95,6 +96,11 @@ class ModelConfig(ModelSpec):
         False, "run the frozen backbone once over the images and train on its saved features (needs --no-fine-tune)"
     )
     image_size: int = option(64, "images are resized to this many pixels square", bounds="[1, inf)")
+    image_fit: str = option(
+        "pad", "how an image that is not square becomes the square input: pad (its shorter side extended with "
+        "copies of the edge pixels, so shapes and relative places stay) or squash (each side resized)",
+        choices=IMAGE_FITS,
+    )
     small_cnn_pools: int = option(
         3, "small_cnn blocks that halve the grid; fewer give a finer grid whose cells see less of the image",
         choices=SMALL_CNN_POOLS,
@@ -196,9 +202,12 @@ class CaptionConfig(SectionedConfig):
     @classmethod
     def load(cls, path):
         """A saved config; one written before the augmentation section existed trained without
-        augmentation, so it stays off for that run."""
+        augmentation, so it stays off for that run, and one written before `image_fit` existed
+        squashed its images."""
         values = cls.read_values(path)
         values.setdefault("augmentation", {"augment": False})
+        if isinstance(values.get("model"), dict):
+            values["model"].setdefault("image_fit", "squash")
         return cls.from_dict(values)
 
     def __post_init__(self):

@@ -278,19 +278,20 @@ def shapes_test_set(count, seed, image_size):
     return shapes_set(shapes.make_splits(0, 0, count, seed, image_size)["test"])
 
 
-def examples_set(examples, image_size, on_error, source):
-    """Loads and resizes the image of every CaptionExample; bad image files are skipped with a count or raise."""
+def examples_set(examples, image_size, on_error, source, fit="squash"):
+    """Loads and resizes the image of every CaptionExample (`fit`: see images.IMAGE_FITS); bad image
+    files are skipped with a count or raise."""
     size = (image_size, image_size)
     paths = [example for example in examples if not isinstance(example.image, str)]
     if not paths:
-        images, kept, _ = load_images([example.image for example in examples], size=size, on_error=on_error, warn=log)
+        images, kept, _ = load_images([example.image for example in examples], size=size, fit=fit, on_error=on_error, warn=log)
         kept = set(kept)
         examples = [example for example in examples if example.image in kept]
     else:  # encoded bytes (TFDS)
         arrays, kept_examples, failures = [], [], 0
         for example in examples:
             try:
-                arrays.append(load_image(example.image, size=size, name=f"{source} image {example.image_id}"))
+                arrays.append(load_image(example.image, size=size, fit=fit, name=f"{source} image {example.image_id}"))
                 kept_examples.append(example)
             except ImageError as error:
                 if on_error == "raise":
@@ -323,15 +324,15 @@ def read_split(config, split):
             if split == "valid" and "no images in split" in str(error):
                 return None
             raise
-        return examples_set(examples, size, d.on_error, d.karpathy_json)
+        return examples_set(examples, size, d.on_error, d.karpathy_json, config.model.image_fit)
     if d.train_tsv:
         path = d.train_tsv if split == "train" else d.valid_tsv
         if not path:
             return None
         examples = read_caption_tsv(path, d.image_folder, on_missing=d.on_missing, warn=log)
-        return examples_set(examples, size, d.on_error, path)
+        return examples_set(examples, size, d.on_error, path, config.model.image_fit)
     tfds_split = d.tfds_train_split if split == "train" else d.tfds_valid_split
     if not tfds_split:
         return None
     examples = list(load_tfds_coco(tfds_split, d.tfds_data_dir, max_examples=d.tfds_max_examples, warn=log))
-    return examples_set(examples, size, d.on_error, f"coco_captions[{tfds_split}]")
+    return examples_set(examples, size, d.on_error, f"coco_captions[{tfds_split}]", config.model.image_fit)

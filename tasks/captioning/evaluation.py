@@ -85,16 +85,23 @@ def cell_centre(cell, grid_size, image_size):
     return (column + 0.5) * cell_width, (row + 0.5) * cell_height
 
 
-def attention_localisation(scenes, tokens, attention, grid_size, image_size):
+def attention_localisation(scenes, tokens, attention, grid_size, image_size, fit="squash"):
     """Fraction of generated colour/shape words whose most-attended cell lies on the named object.
 
-    scenes: the shapes.Scene of each image (boxes in the scene's own pixels; scaled when the
-    scene image is not image_size); tokens: [N, T] strings or bytes ("" after the end);
-    attention: [N, T, h*w]. Returns {"localisation": fraction or None, "words": counted, "hits": n}.
+    scenes: the shapes.Scene of each image (boxes in the scene's own pixels, mapped to the model
+    input as `fit` made it when the scene image is not image_size; see images.IMAGE_FITS);
+    tokens: [N, T] strings or bytes ("" after the end); attention: [N, T, h*w].
+    Returns {"localisation": fraction or None, "words": counted, "hits": n}.
     """
     hits = counted = 0
     for scene, row_tokens, row_attention in zip(scenes, tokens, attention):
-        scale = scene.image.shape[1] / image_size, scene.image.shape[0] / image_size
+        height, width = scene.image.shape[:2]
+        scale = width / image_size, height / image_size
+        offset = 0.0, 0.0
+        if fit == "pad":  # the input shows the square of side max(height, width), the scene centred
+            side = max(height, width)
+            scale = side / image_size, side / image_size
+            offset = (side - width) // 2, (side - height) // 2
         for step, token in enumerate(row_tokens):
             word = token.decode("utf-8") if isinstance(token, bytes) else str(token)
             if word not in LOCALISED_WORDS:
@@ -103,7 +110,7 @@ def attention_localisation(scenes, tokens, attention, grid_size, image_size):
             if obj is None:  # a hallucinated object: nothing to localise
                 continue
             x, y = cell_centre(np.argmax(row_attention[step]), grid_size, image_size)
-            x, y = x * scale[0], y * scale[1]
+            x, y = x * scale[0] - offset[0], y * scale[1] - offset[1]
             x0, y0, x1, y1 = obj.box
             counted += 1
             hits += int(x0 <= x < x1 and y0 <= y < y1)

@@ -361,3 +361,14 @@ def decode_rgb(data, kind, width, height, image_size):
 
     image, orientation = tf.switch_case(kind, [unknown, jpeg, png, gif, bmp, webp])
     return tf.ensure_shape(apply_orientation(image, orientation), [None, None, 3])
+
+
+def pad_to_square(image):
+    """image [H, W, C] -> [L, L, C], L = max(H, W): the shorter side extended with copies of its
+    edge pixels, (L - side) // 2 before and the rest after, as `images.pad_to_square` (the CLI's)."""
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    side = tf.maximum(height, width)
+    rows = tf.clip_by_value(tf.range(side) - (side - height) // 2, 0, height - 1)
+    columns = tf.clip_by_value(tf.range(side) - (side - width) // 2, 0, width - 1)
+    return tf.gather(tf.gather(image, rows, axis=0), columns, axis=1)

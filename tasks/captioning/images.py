@@ -29,6 +29,11 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
+# How an image whose shape differs from the model's square input is made to fit it: "pad"
+# extends its shorter side to a square with copies of the edge pixels, half on each side, then
+# resizes (its objects keep their shapes and relative places); "squash" resizes each side.
+IMAGE_FITS = ("pad", "squash")
+
 
 class ImageError(ValueError):
     """An image file is missing, unreadable, corrupt, or too large to decode safely."""
@@ -45,6 +50,7 @@ def load_image(
     path_or_bytes: ImageSource,
     *,
     size: tuple[int, int] | None = None,
+    fit: str = "squash",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str | None = None,
 ) -> np.ndarray:
@@ -54,11 +60,13 @@ def load_image(
     grayscale, palette, CMYK, 1-bit and 16-bit images to 8-bit RGB, and composites any
     transparency onto white. The declared pixel count is checked against `max_pixels`
     from the header, before any pixel data is decoded. `size` is (width, height); when
-    given, the result is resized to it with bilinear filtering. `name` replaces the
+    given, the result is resized to it with bilinear filtering, after `pad_to_square` with
+    fit="pad" (which needs a square size; see IMAGE_FITS). `name` replaces the
     file name in error messages (useful for in-memory bytes).
     """
     label = name or describe_source(path_or_bytes)
     target_size = _check_size_argument(size)
+    check_fit(fit, target_size)
     with _open(path_or_bytes, label) as image:
         _check_pixel_count(image, label, max_pixels)
         if target_size is not None and image.format == "JPEG":
@@ -74,14 +82,34 @@ def load_image(
         except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
             raise ImageError(f"{label}: corrupt or truncated image data ({exc})") from exc
     if target_size is not None and rgb.size != target_size:
+        if fit == "pad" and rgb.width != rgb.height:
+            rgb = Image.fromarray(pad_to_square(np.asarray(rgb, dtype=np.uint8).reshape(rgb.height, rgb.width, 3)))
         rgb = rgb.resize(target_size, Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8).reshape(rgb.height, rgb.width, 3)
+
+
+def pad_to_square(pixels: np.ndarray) -> np.ndarray:
+    """[H, W, C] -> [L, L, C], L = max(H, W): the shorter side extended with copies of its edge
+    pixels, (L - side) // 2 before and the rest after (as `image_graph.pad_to_square`)."""
+    height, width = pixels.shape[:2]
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return np.pad(pixels, ((top, side - height - top), (left, side - width - left), (0, 0)), mode="edge")
+
+
+def check_fit(fit: str, size: tuple[int, int] | None = None) -> str:
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"image fit must be one of {IMAGE_FITS}, got {fit!r}")
+    if fit == "pad" and size is not None and size[0] != size[1]:
+        raise ValueError(f"fit='pad' pads to a square, so size must be square, got {size[0]}x{size[1]}")
+    return fit
 
 
 def load_images(
     paths: Iterable[str | os.PathLike],
     *,
     size: tuple[int, int] | None,
+    fit: str = "squash",
     on_error: Literal["skip", "raise"] = "skip",
     warn: Callable[[str], None] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -103,7 +131,7 @@ def load_images(
     failures: list[tuple[str, str]] = []
     for path in path_list:
         try:
-            array = load_image(path, size=size, max_pixels=max_pixels)
+            array = load_image(path, size=size, fit=fit, max_pixels=max_pixels)
         except ImageError as exc:
             if on_error == "raise":
                 raise

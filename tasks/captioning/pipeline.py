@@ -117,7 +117,7 @@ class CaptionRun:
         encoder = model.encoder
         return Captioner(
             model, self.vocab, self.tokenizer, self.config.model.image_size, encoder.grid_size,
-            max_length=self.config.data.max_caption_length, max_pixels=max_pixels,
+            max_length=self.config.data.max_caption_length, max_pixels=max_pixels, image_fit=self.config.model.image_fit,
         )
 
 
@@ -225,7 +225,8 @@ def _train(config, precision_note, validation_bleu):
             validation = make_batches(run, valid_set, valid_sources, shuffle=False, report_name="valid")
             if validation_bleu:
                 grid = (image_encoder if m.cache_features else model.encoder).grid_size
-                captioner = Captioner(model, run.vocab, run.tokenizer, m.image_size, grid, run.config.data.max_caption_length)
+                captioner = Captioner(model, run.vocab, run.tokenizer, m.image_size, grid, run.config.data.max_caption_length,
+                                      image_fit=m.image_fit)
                 callbacks.append(validation_bleu_callback(captioner, valid_sources, valid_set.captions))
         trainer.fit(batches, validation=validation, callbacks=callbacks)
     return run, model
