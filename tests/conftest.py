@@ -31,6 +31,7 @@ TINY_MODEL = ["--units", "16", "--dropout", "0", "--label-smoothing", "0", "--le
 TINY_CAPTION_TRAIN = [
     "--shapes-train", "40", "--shapes-val", "8", "--shapes-seed", "3", "--image-size", "32", "--units", "16",
     "--batch-size", "16", "--max-steps", "4", "--steps-per-checkpoint", "2", "--no-tensorboard", "--verbose", "0",
+    "--image-fit", "pad",  # not the default: so the CLI and export tests cover padding (squashing: test_caption_serving)
 ]
 
 

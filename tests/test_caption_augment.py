@@ -151,9 +151,8 @@ def test_a_run_saved_before_augmentation_existed_keeps_training_without_it(tmp_p
 
 
 def test_a_run_saved_before_image_fit_existed_keeps_squashing(tmp_path):
-    """Its model learnt from squashed images (and was served so); new runs pad by default."""
+    """Its model learnt from squashed images (and was served so)."""
     config = shapes_config(tmp_path)
-    assert config.model.image_fit == "pad"
     values = config.to_dict()
     del values["model"]["image_fit"]
     path = tmp_path / "old.yaml"

@@ -469,8 +469,8 @@ def test_exported_caption_with_prefix_signature_matches_the_in_process_captioner
 
 
 def test_cli_and_export_fit_other_shapes_alike_and_old_exports_squash(tiny_caption_run, loaded_export, images, capsys):
-    """New runs pad a non-square image to a square (image_fit "pad", in the export's info); the CLI
-    (Pillow) and the export (in-graph) do it alike, hence the same captions. An export made before
+    """The tiny run pads a non-square image to a square (image_fit "pad", in the export's info); the
+    CLI (Pillow) and the export (in-graph) do it alike, hence the same captions. An export made before
     image_fit existed has no such entry, and the CLI squashes for it, as its graph does."""
     import tensorflow as tf
 

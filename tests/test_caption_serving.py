@@ -117,7 +117,7 @@ def decoded_same_files(decode):
 
 @pytest.fixture(scope="module")
 def squashing_captioner(captioner):
-    """The tiny run's model served as models trained before `image_fit` existed are: squashed."""
+    """The tiny run's model (trained with image_fit "pad") served squashing, the default."""
     from seq2seq.tasks.captioning.captioner import Captioner
 
     return Captioner(captioner.model, captioner.vocab, captioner.tokenizer, captioner.image_size,
@@ -135,8 +135,8 @@ def squashed_same_files(squashing_captioner):
 @pytest.mark.parametrize("name", list(same_files()))
 def test_graph_decodes_to_the_pixels_the_cli_loads(request, captioner, name, fit):
     """The CLI's load_image(size=(S, S), fit=...) and the graph agree: EXIF orientation, transparency
-    on white, JPEG DCT and draft scale, padding to a square with edge pixels (fit "pad", the
-    default) or none, bilinear resize (rounded between its two passes, as Pillow's)."""
+    on white, JPEG DCT and draft scale, padding to a square with edge pixels (fit "pad", the tiny
+    run's) or none, bilinear resize (rounded between its two passes, as Pillow's)."""
     decoded = request.getfixturevalue("decoded_same_files" if fit == "pad" else "squashed_same_files")
     assert captioner.image_fit == "pad"
     data, pixels, error = decoded[name]
@@ -166,7 +166,7 @@ def test_pad_to_square_repeats_the_edges_alike_in_the_graph_and_the_cli(height, 
 
 
 def test_padding_keeps_a_wide_image_in_shape_where_squashing_does_not(captioner, squashing_captioner):
-    """A 64x32 white image with a black 16x16 square in the middle: padded (the default), the square
+    """A 64x32 white image with a black 16x16 square in the middle: padded, the square
     stays square in the model input; squashed, it comes out twice as tall as wide."""
     pixels = np.full((32, 64, 3), 255, np.uint8)
     pixels[8:24, 24:40] = 0
