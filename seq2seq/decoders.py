@@ -17,7 +17,7 @@ from keras import ops
 from seq2seq import products
 from seq2seq.attention import make_attention
 from seq2seq.precision import Dense, Dropout
-from seq2seq.rnn import RecurrentCell, check_cell_type, product_without_kernel_gradient
+from seq2seq.rnn import RecurrentCell, check_cell_type
 
 
 def _float32_cells(cell_states):
@@ -146,24 +146,17 @@ class AttentionDecoder(keras.layers.Layer):
         made = products.prepared_weight(self.cells[0].kernel)  # under `products.prepared`: its dtype
         return (self.cells[0].kernel if made is None else made)[self.embedding_dim :]
 
-    def _recurrence(
-        self, projected_embedding, state, context, feed_kernel, layer_dropout=None, output_dropout=None, deferred=None
-    ):
+    def _recurrence(self, projected_embedding, state, context, feed_kernel, layer_dropout=None, output_dropout=None):
         """One decoder step after the embedding projection.
 
         projected_embedding: [batch, gates*units]; feed_kernel: `_feed_kernel()`, sliced once
         outside the time loop (inside it, the slice's gradient is a full-size kernel every step)
         and cast to the compute dtype inside it (so its gradient sums over steps in float32).
-        deferred: in the training loop, a `DeferredStep` that makes the products with loop-invariant
-        kernels (see `_deferred_loop`). Returns the attentional vector [batch, units], the new state
-        and the attention weights [batch, src_len] (float32).
+        Returns the attentional vector [batch, units], the new state and the attention weights
+        [batch, src_len] (float32).
         """
         x = projected_embedding
-        if deferred is not None:
-            if self.input_feeding:
-                x = x + deferred.product("feed", state["feed"])
-            x = x + deferred.probe("layer0")
-        elif self.input_feeding and products.prepared_weight(self.cells[0].kernel) is not None:
+        if self.input_feeding and products.prepared_weight(self.cells[0].kernel) is not None:
             x = x + products.matmul(state["feed"], feed_kernel)
         elif self.input_feeding:
             x = x + ops.matmul(state["feed"], ops.cast(feed_kernel, x.dtype))
@@ -173,21 +166,11 @@ class AttentionDecoder(keras.layers.Layer):
             if i > 0:
                 if layer_dropout is not None:
                     h = h * layer_dropout[i - 1]
-                if deferred is not None:
-                    x = deferred.product(f"input{i}", h) + ops.cast(cell.bias, h.dtype) + deferred.probe(f"layer{i}")
-                else:
-                    x = cell.project_inputs(h)
-            recurrent_kernel = None
-            if deferred is not None:
-                recurrent_kernel = deferred.kernel(f"recurrent{i}", ops.cast(state["cells"][i][0], x.dtype))
-            h, cell_state = cell.step(x, state["cells"][i], recurrent_kernel)
+                x = cell.project_inputs(h)
+            h, cell_state = cell.step(x, state["cells"][i])
             new_cells.append(cell_state)
         context_vector, weights = self.attention(h, context["keys"], context["memory"], context["memory_mask"])
-        joined = ops.concatenate([ops.cast(context_vector, h.dtype), h], axis=-1)
-        if deferred is not None:  # attention_output: tanh, no bias
-            attentional = ops.tanh(deferred.product("attention_output", joined) + deferred.probe("attention_output"))
-        else:
-            attentional = self.attention_output(joined)
+        attentional = self.attention_output(ops.concatenate([ops.cast(context_vector, h.dtype), h], axis=-1))
         if output_dropout is not None:
             attentional = attentional * output_dropout
         new_state = {"cells": tuple(new_cells)}
@@ -219,6 +202,7 @@ class AttentionDecoder(keras.layers.Layer):
         projected = ops.transpose(self._first_layer_inputs(embedded), [1, 0, 2])  # [time, batch, G]
         num_steps = tf.shape(projected)[0]
         batch_size = tf.shape(projected)[1]
+        feed_kernel = self._feed_kernel()
         layer_dropout = output_dropout = None
         if training and self.dropout > 0:
             dtype = projected.dtype
@@ -226,117 +210,32 @@ class AttentionDecoder(keras.layers.Layer):
             output_dropout = self._dropout_mask(shape, dtype)
             if self.num_layers > 1:
                 layer_dropout = self._dropout_mask((num_steps, self.num_layers - 1, batch_size, self.units), dtype)
-        if training and self.cell_type != "gru":
-            attentionals, all_weights = self._deferred_loop(projected, state, context, layer_dropout, output_dropout)
-        else:
-            attentionals, all_weights, _ = self._time_loop(projected, state, context, layer_dropout, output_dropout)
-        attentional = tf.transpose(attentionals, [1, 0, 2])  # [batch, time, units]
-        weights = tf.transpose(all_weights, [1, 0, 2])  # [batch, time, src_len]
-        return self._logits(attentional), weights
-
-    def _time_loop(self, projected, state, context, layer_dropout, output_dropout, deferred=None):
-        """The teacher-forced recurrence over time-major `projected` [time, batch, gates*units].
-
-        Returns the attentional vectors [time, batch, units], the attention weights [time,
-        batch, src_len] and, with a `DeferredProducts`, the left operands it recorded."""
-        num_steps = tf.shape(projected)[0]
         # Per-step inputs are read from a TensorArray: its gradient is one slice per step,
         # where indexing the whole tensor would send back a full-size gradient every step.
-        inputs = tf.TensorArray(projected.dtype, size=num_steps).unstack(projected)
+        projected = tf.TensorArray(projected.dtype, size=num_steps).unstack(projected)
         attentionals = tf.TensorArray(projected.dtype, size=num_steps, element_shape=tf.TensorShape([None, self.units]))
         all_weights = tf.TensorArray(tf.float32, size=num_steps, element_shape=tf.TensorShape([None, None]))
-        records = deferred.new_records(num_steps) if deferred is not None else {}
-        feed_kernel = None if deferred is not None else self._feed_kernel()
 
-        def body(t, state, attentionals, all_weights, records):
-            step = deferred.at(t, records) if deferred is not None else None
+        def body(t, state, attentionals, all_weights):
             attentional, state, weights = self._recurrence(
-                inputs.read(t),
+                projected.read(t),
                 state,
                 context,
                 feed_kernel,
                 layer_dropout=None if layer_dropout is None else layer_dropout[t],
                 output_dropout=None if output_dropout is None else output_dropout[t],
-                deferred=step,
             )
-            records = step.records if step is not None else records
-            return t + 1, state, attentionals.write(t, attentional), all_weights.write(t, weights), records
+            return t + 1, state, attentionals.write(t, attentional), all_weights.write(t, weights)
 
-        _, _, attentionals, all_weights, records = tf.while_loop(
+        _, _, attentionals, all_weights = tf.while_loop(
             lambda t, *_: t < num_steps,
             body,
-            (tf.constant(0), state, attentionals, all_weights, records),
+            (tf.constant(0), state, attentionals, all_weights),
             maximum_iterations=num_steps,
         )
-        return attentionals.stack(), all_weights.stack(), {name: array.stack() for name, array in records.items()}
-
-    def _deferred_loop(self, projected, state, context, layer_dropout, output_dropout):
-        """`_time_loop` for training, whose products with loop-invariant kernels (input feeding,
-        every layer's recurrent and upper layers' input kernels, the attention output) get their
-        kernels' gradients from one large product each after the loop, not one small product
-        per step summed in float32 with a cast of the kernel each way (see `seq2seq.rnn`).
-        Same values and gradients. Not for the GRU, whose reset gate scales its recurrent product.
-        """
-        dtype = projected.dtype
-        gates = self.cells[0].num_gates * self.units
-        kernels = {}  # name -> (float32 kernel, the probe whose gradient is its product's gradient)
-        if self.input_feeding:
-            kernels["feed"] = (self.cells[0].kernel.value[self.embedding_dim :], "layer0")
-        for i, cell in enumerate(self.cells):
-            if i > 0:
-                kernels[f"input{i}"] = (cell.kernel.value, f"layer{i}")
-            kernels[f"recurrent{i}"] = (cell.recurrent_kernel.value, f"layer{i}")
-        kernels["attention_output"] = (self.attention_output.kernel.value, "attention_output")
-        probe_widths = {**{f"layer{i}": gates for i in range(self.num_layers)}, "attention_output": self.units}
-        names = list(kernels)
-        initial = tf.nest.flatten(state)
-        shape = tf.shape(projected)
-
-        @tf.custom_gradient
-        def loop(projected, memory, keys, *args):
-            kernel_values, initial_values = args[: len(names)], args[len(names) :]
-            # Distinct tensors, so that an input passed twice (keys that are the memory itself,
-            # as in dot attention) gets each use's gradient once.
-            projected, memory, keys = tf.identity(projected), tf.identity(memory), tf.identity(keys)
-            initial_values = [tf.identity(value) for value in initial_values]
-            with tf.GradientTape() as tape:
-                probes = {name: tf.zeros([shape[0], shape[1], width], dtype) for name, width in probe_widths.items()}
-                tape.watch([projected, memory, keys, *initial_values, *probes.values()])
-                deferred = DeferredProducts(
-                    {name: tf.cast(value, dtype) for name, value in zip(names, kernel_values)}, probes
-                )
-                outputs = self._time_loop(
-                    projected,
-                    tf.nest.pack_sequence_as(state, initial_values),
-                    {**context, "memory": memory, "keys": keys},
-                    layer_dropout,
-                    output_dropout,
-                    deferred,
-                )
-            attentionals, all_weights, records = outputs
-
-            def gradient(d_attentionals, d_weights, variables=None):
-                variables = list(variables or [])
-                sources = [projected, memory, keys, *initial_values, *probes.values()]
-                grads = tape.gradient(
-                    [attentionals, all_weights], sources + variables,
-                    output_gradients=[d_attentionals, d_weights],
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-                count = 3 + len(initial_values)
-                d_probes = dict(zip(probes, grads[count : count + len(probes)]))
-                d_kernels = []
-                for name, value in zip(names, kernel_values):
-                    left = tf.reshape(records[name], [-1, value.shape[0]])
-                    right = tf.reshape(d_probes[kernels[name][1]], [-1, value.shape[1]])
-                    d_kernels.append(tf.cast(tf.matmul(left, right, transpose_a=True), value.dtype))
-                inputs = [*grads[:3], *d_kernels, *grads[3:count]]
-                return inputs, grads[len(sources) :]
-
-            return (attentionals, all_weights), gradient
-
-        memory, keys = context["memory"], context["keys"]
-        return loop(projected, memory, keys, *(value for value, _ in kernels.values()), *initial)
+        attentional = tf.transpose(attentionals.stack(), [1, 0, 2])  # [batch, time, units]
+        weights = tf.transpose(all_weights.stack(), [1, 0, 2])  # [batch, time, src_len]
+        return self._logits(attentional), weights
 
     def _dropout_mask(self, shape, dtype):
         """Inverted-dropout multipliers, drawn once for all steps (outside the time loop)."""
@@ -358,52 +257,3 @@ class AttentionDecoder(keras.layers.Layer):
             "tie_embeddings": self.tie_embeddings,
             "dropout": self.dropout,
         }
-
-
-class DeferredProducts:
-    """The products with loop-invariant kernels of a training time loop whose kernels' gradients
-    are computed after the loop (`AttentionDecoder._deferred_loop`).
-
-    kernels: name -> the kernel in the compute dtype; probes: name -> zeros [time, batch, width],
-    added where a product's output gradient is wanted (the tape's gradient of a probe is the
-    gradient there at every step). Inside the loop body, `at(t, records)` gives the step's view.
-    """
-
-    def __init__(self, kernels, probes):
-        self.kernels = kernels
-        self.probes = probes
-        self.probe_arrays = {}
-
-    def new_records(self, num_steps):
-        """The TensorArrays (loop variables) that collect each product's left operand."""
-        self.probe_arrays = {
-            name: tf.TensorArray(probe.dtype, size=num_steps).unstack(probe) for name, probe in self.probes.items()
-        }
-        return {
-            name: tf.TensorArray(kernel.dtype, size=num_steps, element_shape=tf.TensorShape([None, kernel.shape[0]]))
-            for name, kernel in self.kernels.items()
-        }
-
-    def at(self, t, records):
-        return DeferredStep(self, t, dict(records))
-
-
-class DeferredStep:
-    """One step's view of `DeferredProducts`; `records` holds the TensorArrays after its writes."""
-
-    def __init__(self, products, t, records):
-        self.products = products
-        self.t = t
-        self.records = records
-
-    def kernel(self, name, left):
-        """The kernel `name` for a product whose gradient reaches its left operand only, and
-        records that operand, `left`."""
-        self.records[name] = self.records[name].write(self.t, left)
-        return self.products.kernels[name]
-
-    def product(self, name, left):
-        return product_without_kernel_gradient(left, self.kernel(name, left))
-
-    def probe(self, name):
-        return self.products.probe_arrays[name].read(self.t)
