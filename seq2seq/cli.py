@@ -344,19 +344,42 @@ def check_model_task(path, task):
         raise CommandError(f"{path} is {TASK_MODELS[found]}; use {TASK_COMMANDS[found]}")
 
 
-QUICK_START_LIMIT = 64  # inputs given on the command line up to which `quick_start` pays
+QUICK_START_LIMIT = 2000  # inputs (sentences) up to which `quick_start` pays
 
 
 def quick_start():
     """Turns TensorFlow's graph optimizer (Grappler) off for this process, for a command that
-    decodes a few inputs given on its command line: the optimizer's pass over the decoding
-    graph made the first call of the Transformer export take 2.2 s instead of 0.9 s, while a
-    warm call gains a few milliseconds from it, which pays only over many batches. Call it
-    before loading a model, and only in a process of the command's own (`args.own_process`):
-    the setting holds for the whole process."""
+    decodes at most QUICK_START_LIMIT inputs: its pass over an export's decoding graph (both
+    product precisions, every search) made the first call of the Transformer export take 8-10 s
+    instead of 3-4 s, while warm calls gain about 0.5 s per 1,000 sentences with beam 5 from it
+    (one intra-op thread, two batches at a time; measured 2026-12-07), which pays only over
+    several thousand sentences. Call it before loading a model, and only in a process of the
+    command's own (`args.own_process`): the setting holds for the whole process."""
     import tensorflow as tf
 
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+
+
+def decoding_streams(own_process):
+    """How many batches a translation command decodes side by side (`translate_lines`).
+
+    In a process of the command's own, one a core, each on one thread: TensorFlow's intra-op
+    pool is cut to one thread before the runtime starts. A decoding step is a chain of small ops
+    that each pool thread would split, leaving a core idle about half the time; one batch a core
+    keeps both busy (measured on 2 cores, 1,000 sentences, two batches at a time either way:
+    Transformer beam 5 8.25 -> 6.92 s, greedy 2.75 -> 1.90 s; RNN beam 5 6.18 -> 5.70 s). Left as
+    TensorFlow has it when TF_NUM_INTRAOP_THREADS is set, or in a process that is not the
+    command's own (a notebook, tests), or once the runtime has started: then two at a time."""
+    import tensorflow as tf
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not own_process or "TF_NUM_INTRAOP_THREADS" in os.environ or cores < 2:
+        return 2
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    except RuntimeError:  # the runtime has started: the setting can no longer change
+        return 2
+    return cores
 
 
 def load_saved_model(path):

@@ -29,6 +29,14 @@ def chunks(items, size):
         yield chunk
 
 
+def ends_within(items, size):
+    """(the same items, whether there are at most `size` of them), reading no more than `size` + 1
+    of them ahead: so a command can tell a small input from a large one before its first chunk."""
+    items = iter(items)
+    head = list(itertools.islice(items, size + 1))
+    return itertools.chain(head, items), len(head) <= size
+
+
 def decoded_lines(stream, name, first_line=1):
     """The lines of a binary stream decoded as UTF-8, one at a time; invalid UTF-8 is the
     same one-line error, naming the line, as `cli.decode_lines`."""

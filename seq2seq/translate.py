@@ -139,10 +139,13 @@ def command_translate(args):
     if interactive:
         return translate_interactively(args, load_translator(args))
     lines = args.texts if args.texts else streaming.input_lines(args.input)
-    if args.own_process and args.texts and len(args.texts) <= cli.QUICK_START_LIMIT:
-        cli.quick_start()
     if args.prefix_file is not None:
         lines = streaming.paired_lines(lines, streaming.input_lines(args.prefix_file), args.prefix_file, "prefix")
+    # Read no further ahead than the first chunk, which is read before any output anyway.
+    lines, small = streaming.ends_within(lines, min(cli.QUICK_START_LIMIT, SENTENCES_PER_CHUNK - 1))
+    if args.own_process and small:
+        cli.quick_start()
+    args.streams = cli.decoding_streams(args.own_process)
     translator = load_translator(args)
     if args.prefix_file is not None and not hasattr(translator, "translate_with_prefix"):
         raise cli.CommandError(
@@ -179,7 +182,7 @@ def translate_in_chunks(args, translator, lines, total=None):
             results = translate_lines(
                 translator, chunk, beam_size=args.beam_size, n_best=args.n_best, length_penalty=args.length_penalty,
                 batch_size=args.batch_size, outputs=outputs, first_line=first_line, warn=progress.write,
-                prefixes=prefixes,
+                prefixes=prefixes, concurrent_batches=getattr(args, "streams", 2),
             )
             streaming.write_lines(result if args.n_best == 1 else "\t".join(result) for result in results)
             progress.update(len(chunk))
@@ -206,10 +209,14 @@ def command_evaluate(args):
     if args.hypotheses:
         hypotheses = cli.read_input_lines(args.hypotheses)
     elif args.source:
+        sources = cli.read_input_lines(args.source)
+        if args.own_process and len(sources) <= cli.QUICK_START_LIMIT:
+            cli.quick_start()
+        streams = cli.decoding_streams(args.own_process)
         translator = load_translator(args)  # sets the model's own length penalty unless one was given
         hypotheses = translate_lines(
-            translator, cli.read_input_lines(args.source), beam_size=args.beam_size,
-            length_penalty=args.length_penalty, batch_size=args.batch_size,
+            translator, sources, beam_size=args.beam_size, length_penalty=args.length_penalty,
+            batch_size=args.batch_size, concurrent_batches=streams,
         )
     else:
         raise cli.CommandError("give --hypotheses FILE, or --source FILE to translate with --model")

@@ -72,6 +72,20 @@ def test_chunks_take_no_more_than_one_chunk_ahead():
     assert next(chunks) == [4, 5, 6, 7] and len(taken) == 8
 
 
+@pytest.mark.parametrize("count, small", [(0, True), (3, True), (4, False), (9, False)])
+def test_ends_within_tells_a_small_input_reading_one_more_item_at_most(count, small):
+    taken = []
+
+    def items():
+        for number in range(count):
+            taken.append(number)
+            yield number
+
+    rest, within = streaming.ends_within(items(), 3)
+    assert within == small and len(taken) == min(count, 4)
+    assert list(rest) == list(range(count))
+
+
 def test_chunks_refuse_a_size_below_1():
     with pytest.raises(ValueError, match="chunk size must be at least 1, got 0"):
         next(streaming.chunks([1], 0))
@@ -123,6 +137,49 @@ def test_truncation_warnings_name_the_line_of_the_whole_input():
     assert translate_lines(TruncatesLongLines(), lines, first_line=2001, warn=warnings.append) == [line.upper() for line in lines]
     assert sorted(warnings) == [f"warning: line {n} is longer than the maximum source length and was truncated"
                                 for n in (2002, 2004)]
+
+
+def test_fewer_lines_than_concurrent_batches_hold_are_cut_into_one_batch_a_thread():
+    """3 lines with two threads: batches of 2 and 1 (sorted by length), not one of 3; the
+    translations, in input order, are the same as from one batch."""
+    import tensorflow as tf
+
+    from seq2seq.tasks.translation.inference import translate_lines
+
+    sizes = []
+
+    class Echo:
+        def translate(self, texts, beam_size, n_best, length_penalty):
+            texts = [t.decode() for t in texts.numpy()]
+            sizes.append(len(texts))
+            return {"nbest_translations": tf.constant([[t[::-1]] for t in texts]),
+                    "source_truncated": tf.constant([False] * len(texts))}
+
+    lines = ["abc", "a", "ab"]
+    assert translate_lines(Echo(), lines, concurrent_batches=2) == ["cba", "a", "ba"]
+    assert sorted(sizes) == [1, 2]
+    sizes.clear()
+    assert translate_lines(Echo(), lines, concurrent_batches=1) == ["cba", "a", "ba"] and sizes == [3]
+
+
+def test_decoding_streams_one_a_core_on_one_thread_only_in_a_process_of_the_command_own(monkeypatch):
+    from seq2seq import cli as commands
+
+    assert commands.decoding_streams(own_process=False) == 2  # a notebook or this test process: untouched
+    code = (
+        "import os, tensorflow as tf; from seq2seq import cli; streams = cli.decoding_streams(True); "
+        "print(streams, len(os.sched_getaffinity(0)), tf.config.threading.get_intra_op_parallelism_threads())"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "TF_NUM_INTRAOP_THREADS"}
+    streams, cores, threads = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environment
+    ).stdout.split()
+    assert (int(streams), int(threads)) == ((int(cores), 1) if int(cores) > 1 else (2, 0))
+    environment["TF_NUM_INTRAOP_THREADS"] = "2"
+    streams, _, threads = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=environment
+    ).stdout.split()
+    assert (streams, threads) == ("2", "0")  # 0: the setting left to TensorFlow (and the user's variable)
 
 
 # --- translate in process, with chunks of 2 lines ------------------------------------------------

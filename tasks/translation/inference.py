@@ -18,7 +18,9 @@ def translate_lines(
     `outputs`, every raw output dict is appended to it in input order, one per line.
     `concurrent_batches` batches are decoded at a time, from as many threads: a decoding step
     is a chain of small ops that mostly keeps one core busy, so two batches side by side
-    finish sooner on a machine with two cores or more (measured on 2 cores: beam 5 1.2-1.3x, greedy 1.3x).
+    finish sooner on a machine with two cores or more (measured on 2 cores: beam 5 1.2-1.3x,
+    greedy 1.3x; more with one intra-op thread, see `cli.decoding_streams`); fewer lines than
+    that many batches hold are cut into smaller batches, one a thread.
     Warnings about truncated lines go to `warn` and number `lines[0]` as line `first_line`
     (a chunk of a longer input names the input's line). `prefixes`, one a line ("" for none),
     are the target-language words each translation must start with (`translate_with_prefix`).
@@ -26,6 +28,8 @@ def translate_lines(
     if prefixes is not None and len(prefixes) != len(lines):
         raise ValueError(f"{len(prefixes)} prefixes for {len(lines)} lines: give one a line")
     order = sorted(range(len(lines)), key=lambda i: len(lines[i]))
+    streams = max(1, concurrent_batches)
+    batch_size = max(1, min(batch_size, -(-len(lines) // streams)))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
     def run(indices):
@@ -36,7 +40,7 @@ def translate_lines(
         return translate_fn.translate_with_prefix(texts, tf.constant([prefixes[i] for i in indices]), *search)
 
     results = [None] * len(lines)
-    with ThreadPoolExecutor(max(1, concurrent_batches)) as pool:
+    with ThreadPoolExecutor(streams) as pool:
         for indices, out in zip(batches, pool.map(run, batches)):
             translations = out["nbest_translations"].numpy()
             truncated = out["source_truncated"].numpy()
