@@ -365,9 +365,10 @@ def decoding_streams(own_process):
 
     In a process of the command's own, one a core, each on one thread: TensorFlow's intra-op
     pool is cut to one thread before the runtime starts. A decoding step is a chain of small ops
-    that each pool thread would split, leaving a core idle about half the time; one batch a core
-    keeps both busy (measured on 2 cores, 1,000 sentences, two batches at a time either way:
-    Transformer beam 5 8.25 -> 6.92 s, greedy 2.75 -> 1.90 s; RNN beam 5 6.18 -> 5.70 s). Left as
+    that the pool splits between the cores, leaving one idle about half the time; one batch a
+    core keeps both busy (measured on 2 cores, 1,000 sentences, two batches at a time either way,
+    bf16 products: Transformer beam 5 8.97 -> 6.91 s, greedy 3.22 -> 1.93 s; RNN beam 5 6.13 ->
+    5.93 s, greedy 2.04 -> 1.53 s; `bench/decode_bench.py --cli-threads`). Left as
     TensorFlow has it when TF_NUM_INTRAOP_THREADS is set, or in a process that is not the
     command's own (a notebook, tests), or once the runtime has started: then two at a time."""
     import tensorflow as tf

@@ -34,7 +34,7 @@ class Captioner(tf.Module):
 
     image_size: the square model input; any other image size is resized in-graph (Pillow's
     bilinear, see `resize`), after padding to a square with image_fit "pad" (see
-    `images.IMAGE_FITS`; "squash" for models trained before the option existed). grid_size: (h, w) of the attention grid. max_length: the longest
+    `images.IMAGE_FITS`). grid_size: (h, w) of the attention grid. max_length: the longest
     caption, in tokens, the searches may produce (the end token excluded). max_pixels: the
     largest declared width x height an encoded image may have (larger ones are refused
     before decoding); the CLI's limit by default.
