@@ -383,6 +383,16 @@ def decoding_streams(own_process):
     return cores
 
 
+def decoding_process(own_process, small_input):
+    """Sets up a decoding command's process before it loads a model: Grappler off for an input
+    of at most QUICK_START_LIMIT sentences (`quick_start`) and one intra-op thread a batch
+    (`decoding_streams`), both only in a process of the command's own. Returns how many
+    batches to decode side by side."""
+    if own_process and small_input:
+        quick_start()
+    return decoding_streams(own_process)
+
+
 def load_saved_model(path):
     """`tf.saved_model.load(path)`, with a truncated or damaged saved_model.pb or variables/ as
     one error line (TensorFlow raises OSError, ValueError, IndexError or an OpError for them)."""

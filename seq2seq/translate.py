@@ -143,9 +143,7 @@ def command_translate(args):
         lines = streaming.paired_lines(lines, streaming.input_lines(args.prefix_file), args.prefix_file, "prefix")
     # Read no further ahead than the first chunk, which is read before any output anyway.
     lines, small = streaming.ends_within(lines, min(cli.QUICK_START_LIMIT, SENTENCES_PER_CHUNK - 1))
-    if args.own_process and small:
-        cli.quick_start()
-    args.streams = cli.decoding_streams(args.own_process)
+    streams = cli.decoding_process(args.own_process, small)
     translator = load_translator(args)
     if args.prefix_file is not None and not hasattr(translator, "translate_with_prefix"):
         raise cli.CommandError(
@@ -153,7 +151,7 @@ def command_translate(args):
             f"write it again with: python -m seq2seq.translate export --from-model {args.model} --output DIR"
         )
     try:
-        translate_in_chunks(args, translator, lines, total=input_size(args))
+        translate_in_chunks(args, translator, lines, streams, total=input_size(args))
     except BrokenPipeError:
         return streaming.output_closed()
 
@@ -167,9 +165,10 @@ def input_size(args):
     return None
 
 
-def translate_in_chunks(args, translator, lines, total=None):
+def translate_in_chunks(args, translator, lines, streams, total=None):
     """Translates `lines` (any iterable) SENTENCES_PER_CHUNK at a time, each chunk sorted by length
-    for speed, and writes each chunk's translations in input order as soon as it is done."""
+    for speed and decoded `streams` batches side by side, and writes each chunk's translations in
+    input order as soon as it is done."""
     from seq2seq.tasks.translation.inference import translate_lines
 
     with streaming.Progress("sentences", total) as progress:
@@ -182,7 +181,7 @@ def translate_in_chunks(args, translator, lines, total=None):
             results = translate_lines(
                 translator, chunk, beam_size=args.beam_size, n_best=args.n_best, length_penalty=args.length_penalty,
                 batch_size=args.batch_size, outputs=outputs, first_line=first_line, warn=progress.write,
-                prefixes=prefixes, concurrent_batches=getattr(args, "streams", 2),
+                prefixes=prefixes, concurrent_batches=streams,
             )
             streaming.write_lines(result if args.n_best == 1 else "\t".join(result) for result in results)
             progress.update(len(chunk))
@@ -210,9 +209,7 @@ def command_evaluate(args):
         hypotheses = cli.read_input_lines(args.hypotheses)
     elif args.source:
         sources = cli.read_input_lines(args.source)
-        if args.own_process and len(sources) <= cli.QUICK_START_LIMIT:
-            cli.quick_start()
-        streams = cli.decoding_streams(args.own_process)
+        streams = cli.decoding_process(args.own_process, len(sources) <= cli.QUICK_START_LIMIT)
         translator = load_translator(args)  # sets the model's own length penalty unless one was given
         hypotheses = translate_lines(
             translator, sources, beam_size=args.beam_size, length_penalty=args.length_penalty,

@@ -125,9 +125,14 @@ def squashing_captioner(captioner):
 
 
 @pytest.fixture(scope="module")
-def squashed_same_files(squashing_captioner):
+def decode_squashed(squashing_captioner):
+    return tf.function(squashing_captioner.decode_images, input_signature=[IMAGES])
+
+
+@pytest.fixture(scope="module")
+def squashed_same_files(decode_squashed):
     files = same_files()
-    pixels, errors = tf.function(squashing_captioner.decode_images, input_signature=[IMAGES])(tf.constant(list(files.values())))
+    pixels, errors = decode_squashed(tf.constant(list(files.values())))
     return {name: (files[name], pixels[row].numpy(), errors[row].numpy().decode()) for row, name in enumerate(files)}
 
 
@@ -165,7 +170,7 @@ def test_pad_to_square_repeats_the_edges_alike_in_the_graph_and_the_cli(height, 
     np.testing.assert_array_equal(graph.pad_to_square(tf.constant(pixels)).numpy(), padded)
 
 
-def test_padding_keeps_a_wide_image_in_shape_where_squashing_does_not(captioner, squashing_captioner):
+def test_padding_keeps_a_wide_image_in_shape_where_squashing_does_not(captioner, decode, decode_squashed):
     """A 64x32 white image with a black 16x16 square in the middle: padded, the square
     stays square in the model input; squashed, it comes out twice as tall as wide."""
     pixels = np.full((32, 64, 3), 255, np.uint8)
@@ -177,8 +182,8 @@ def test_padding_keeps_a_wide_image_in_shape_where_squashing_does_not(captioner,
         dark = served.max(axis=-1) < 128
         return dark.any(axis=1).sum(), dark.any(axis=0).sum()  # rows, columns
 
-    padded = tf.function(captioner.decode_images)(tf.constant([data]))[0][0].numpy()
-    squashed = tf.function(squashing_captioner.decode_images)(tf.constant([data]))[0][0].numpy()
+    padded = decode(tf.constant([data]))[0][0].numpy()
+    squashed = decode_squashed(tf.constant([data]))[0][0].numpy()
     rows, columns = dark_extent(padded)
     assert abs(rows - columns) <= 1 and abs(columns - size // 4) <= 1, (rows, columns)
     rows, columns = dark_extent(squashed)
