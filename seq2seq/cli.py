@@ -36,15 +36,20 @@ class CommandError(Exception):
     """An error to show the user as one line, with a non-zero exit code."""
 
 
-def positive_int(text):
+def positive_int(text, least=1):
     """argparse type: an integer of at least 1 (a count: checkpoints, hypotheses, batch size)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def non_negative_int(text):
+    """argparse type: an integer of at least 0 (a count where 0 means none)."""
+    return positive_int(text, least=0)
 
 
 def beam_width(text):

@@ -39,6 +39,45 @@ def tied_logits(x, embeddings, bias):
     return ops.cast(logits, "float32") + ops.cast(bias, "float32")
 
 
+def output_projection(decoder, ids):
+    """The output projection of `decoder` (an AttentionDecoder or TransformerDecoder) kept to
+    the vocabulary entries `ids` [V'] (a shortlist): (matrix, bias [V'] float32, transposed),
+    the matrix [V', units] (tied embeddings, transposed) or [units, V'] (an output layer) in the
+    dtype its product runs in (as `products.prepared` made it: int8 dequantized, bfloat16 for
+    bfloat16 products). Made once per decoding call, before the loop: a step's product and
+    everything over its logits then cover V' entries, not the whole vocabulary."""
+    if decoder.tie_embeddings:
+        variable, scale, bias, axis = decoder.embedding.embeddings, None, decoder.output_bias, 0
+    else:
+        layer = decoder.output_layer
+        variable, bias, axis = layer.kernel, layer.bias, 1
+        scale = layer.kernel_scale if layer.quantization_mode == "int8" else None
+    matrix = products.prepared_weight(variable)
+    if matrix is None:
+        matrix = ops.cast(products.weight(variable, scale), decoder.compute_dtype)
+    bias = tf.zeros(tf.shape(ids), tf.float32) if bias is None else tf.gather(ops.cast(bias, "float32"), ids)
+    return tf.gather(matrix, ids, axis=axis), bias, axis == 0
+
+
+def projected_logits(x, projection):
+    """Float32 logits [..., V'] of x [..., units] through an `output_projection`."""
+    matrix, bias, transposed = projection
+    return ops.cast(products.matmul(x, matrix, transpose_b=transposed), "float32") + bias
+
+
+def restricted_step(decoder, ids):
+    """`decoder.step` over the vocabulary entries `ids` [V'] (sorted, the reserved tokens first
+    at their own positions, so the start and end tokens keep their ids): the search sees
+    positions in `ids` as token ids, and logits [batch, V']; map its output back with
+    tf.gather(ids, ...)."""
+    projection = output_projection(decoder, ids)
+
+    def step(tokens, state, context):
+        return decoder.step(tf.gather(ids, tokens), state, context, projection)
+
+    return step
+
+
 @keras.saving.register_keras_serializable(package="seq2seq")
 class AttentionDecoder(keras.layers.Layer):
     """Embedding -> stacked RNN -> attention -> tanh(W [context; h]) -> vocabulary logits.
@@ -178,18 +217,21 @@ class AttentionDecoder(keras.layers.Layer):
             new_state["feed"] = attentional
         return attentional, new_state, weights
 
-    def _logits(self, attentional):
-        """Float32 logits (see the class docstring)."""
+    def _logits(self, attentional, projection=None):
+        """Float32 logits (see the class docstring); over a shortlist with `projection`."""
+        if projection is not None:
+            return projected_logits(attentional, projection)
         if self.tie_embeddings:
             return tied_logits(attentional, self.embedding.embeddings, self.output_bias)
         return self.output_layer(attentional)
 
-    def step(self, token_ids, state, context):
-        """token_ids [batch] -> (logits [batch, vocab] float32, new state, attention [batch, src_len])."""
+    def step(self, token_ids, state, context, projection=None):
+        """token_ids [batch] -> (logits [batch, vocab] float32, new state, attention [batch, src_len]);
+        with `projection` (`output_projection`) the logits cover its entries only."""
         embedded = self.embedding(token_ids)
         projected = self._first_layer_inputs(embedded)
         attentional, state, weights = self._recurrence(projected, state, context, self._feed_kernel())
-        return self._logits(attentional), state, weights
+        return self._logits(attentional, projection), state, weights
 
     def call(self, target_in, state, context, training=False):
         """Teacher forcing: target_in [batch, time] -> (logits [batch, time, vocab] float32,

@@ -13,6 +13,7 @@ import math
 import tensorflow as tf
 
 from seq2seq import decoding
+from seq2seq.model import shortlisted_search
 from seq2seq.products import prepared
 
 COMBINATIONS = ("probabilities", "log_probabilities")
@@ -57,7 +58,15 @@ class Ensemble:
         """The step contract over the members: float32 log-probabilities of the combination
         (logits up to a constant per row, which no search depends on), the members' new states,
         and the first member's attention."""
-        steps = [model.decoder.step(tokens, state, context) for model, state, context in zip(self.models, states, contexts)]
+        return self.combined_step([model.decoder.step for model in self.models])(tokens, states, contexts)
+
+    def combined_step(self, member_steps):
+        """`step` over the given step functions, one a member (a shortlist's restricted steps)."""
+        return lambda tokens, states, contexts: self._combine(
+            [step(tokens, state, context) for step, state, context in zip(member_steps, states, contexts)]
+        )
+
+    def _combine(self, steps):
         log_probs = [tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1) for logits, _, _ in steps]
         if len(log_probs) == 1:
             combined = log_probs[0]
@@ -67,15 +76,19 @@ class Ensemble:
             combined = tf.reduce_logsumexp(tf.stack(log_probs), axis=0) - math.log(len(log_probs))
         return combined, tuple(state for _, state, _ in steps), steps[0][2]
 
-    def generate(self, sources, search="greedy", max_length=100, **options):
+    def generate(self, sources, search="greedy", max_length=100, prefix=None, output_ids=None, **options):
         """`Seq2SeqModel.generate` for the ensemble: `sources` holds one batch a member (the same
-        sentences in each member's source ids); the options are the searches' (see
-        `decoding.run_search`). Returns a `decoding.DecodingResult`."""
+        sentences in each member's source ids); `output_ids` a shortlist as there; the options are
+        the searches' (see `decoding.run_search`). Returns a `decoding.DecodingResult`."""
         with contextlib.ExitStack() as scopes:
             for model in self.models:
                 scopes.enter_context(prepared(model))
             contexts, states = self.encode(sources)
             batch_size = tf.shape(contexts[0]["memory"])[0]
-            return decoding.run_search(
-                self.step, states, contexts, batch_size, self.start_id, self.end_id, max_length, search=search, **options
+            return shortlisted_search(
+                lambda steps, prefix: decoding.run_search(
+                    self.combined_step(steps), states, contexts, batch_size, self.start_id, self.end_id, max_length,
+                    search=search, prefix=prefix, **options,
+                ),
+                [model.decoder for model in self.models], prefix, output_ids,
             )

@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras import ops
 
 from seq2seq import decoding
+from seq2seq.decoders import restricted_step
 from seq2seq.products import prepared
 
 
@@ -86,18 +87,24 @@ class Seq2SeqModel(keras.Model):
         top_k=0,
         seed=None,
         prefix=None,
+        output_ids=None,
     ):
         """Decodes a batch of sources. max_length: an int, or an int tensor [batch] per row
         (see `decoding.max_length_from_source`). prefix: None, or (ids [batch, P], lengths
-        [batch]), the target tokens each row must start with (see `decoding`). Returns a
-        `decoding.DecodingResult`."""
+        [batch]), the target tokens each row must start with (see `decoding`). output_ids:
+        None, or a shortlist [V'] of the target vocabulary the search chooses from (sorted,
+        holding the reserved tokens and every prefix token; see `shortlisted_search`).
+        Returns a `decoding.DecodingResult`."""
         with prepared(self):
             context, state = self.encode(source, training=False)
             batch_size = tf.shape(context["memory"])[0]
-            return decoding.run_search(
-                self.decoder.step, state, context, batch_size, self.start_id, self.end_id, max_length, search=search,
-                beam_size=beam_size, length_penalty=length_penalty, length_normalize=length_normalize, n_best=n_best,
-                temperature=temperature, top_k=top_k, seed=seed, prefix=prefix,
+            return shortlisted_search(
+                lambda steps, prefix: decoding.run_search(
+                    steps[0], state, context, batch_size, self.start_id, self.end_id, max_length, search=search,
+                    beam_size=beam_size, length_penalty=length_penalty, length_normalize=length_normalize,
+                    n_best=n_best, temperature=temperature, top_k=top_k, seed=seed, prefix=prefix,
+                ),
+                [self.decoder], prefix, output_ids,
             )
 
     def get_config(self):
@@ -125,6 +132,23 @@ class Seq2SeqModel(keras.Model):
 
     def build_from_config(self, config):
         self.build()
+
+
+def shortlisted_search(search, decoders, prefix=None, output_ids=None):
+    """search(steps, prefix) -> DecodingResult, run with the steps of `decoders` (a model's one,
+    or an ensemble's members', which `search` combines) over the whole vocabulary, or, with
+    `output_ids` [V'] (sorted, the reserved tokens first at their own positions, every prefix
+    token included), over those entries only (`restricted_step`): the search's tokens are then
+    positions in `output_ids`, mapped back to ids here. The decoding module is the same either
+    way."""
+    if output_ids is None:
+        return search([decoder.step for decoder in decoders], prefix)
+    steps = [restricted_step(decoder, output_ids) for decoder in decoders]
+    if prefix is not None:
+        ids, lengths = prefix
+        prefix = (tf.reshape(tf.searchsorted(output_ids, tf.reshape(ids, [-1])), tf.shape(ids)), lengths)
+    result = search(steps, prefix)
+    return result._replace(ids=tf.gather(output_ids, result.ids))
 
 
 class ExportedModel:

@@ -40,9 +40,11 @@ def product_dtype(dtype):
 
 def _dequantize(kernel, scale, dtype):
     """An int8 kernel (output channels on its trailing axes) and its per-output-channel scale ->
-    the float kernel Keras's int8 product stands for (q / scale), in the kernel's shape."""
-    scale = tf.reshape(tf.cast(scale, tf.float32), [-1])
-    matrix = tf.reshape(tf.cast(kernel, tf.float32), [-1, scale.shape[0]]) / scale
+    the float kernel Keras's int8 product stands for (q / scale, within a rounding), in the
+    kernel's shape. Multiplied by the scale's reciprocal: TensorFlow's broadcasting division took
+    twice as long, and a call made of one short sentence spent an eighth of its time here."""
+    inverse = 1.0 / tf.reshape(tf.cast(scale, tf.float32), [-1])
+    matrix = tf.reshape(tf.cast(kernel, tf.float32), [-1, inverse.shape[0]]) * inverse
     return tf.cast(tf.reshape(matrix, kernel.shape), dtype)
 
 
@@ -67,6 +69,8 @@ def matmul(x, matrix, transpose_b=False):
     matrix's dtype, the result in x's dtype (bfloat16 products of float32 activations: x is cast
     down, the product back up)."""
     outputs = matrix.shape[0] if transpose_b else matrix.shape[1]
+    if outputs is None:  # a shortlist's rows (`decoders.output_projection`)
+        outputs = tf.shape(matrix)[0 if transpose_b else 1]
     rows = tf.reshape(x, [-1, x.shape[-1]]) if x.shape.rank != 2 else x
     if matrix.dtype == x.dtype:
         y = tf.matmul(rows, matrix, transpose_b=transpose_b)

@@ -32,7 +32,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from seq2seq.decoders import tied_logits
+from seq2seq.decoders import projected_logits, tied_logits
 from seq2seq.encoders import Bridge
 from seq2seq import products
 from seq2seq.keras_compat import replace_sublayer
@@ -475,9 +475,10 @@ class TransformerDecoder(keras.layers.Layer):
             "cache": tuple({"key": empty, "value": empty} for _ in range(self.num_layers)),
         }
 
-    def step(self, token_ids, state, context):
-        """token_ids [batch] -> (logits [batch, vocab] float32, new state, attention [batch, src_len])."""
-        logits, state, attention = self._forward(token_ids[:, None], state, context, training=False)
+    def step(self, token_ids, state, context, projection=None):
+        """token_ids [batch] -> (logits [batch, vocab] float32, new state, attention [batch, src_len]);
+        with `projection` (`decoders.output_projection`) the logits cover its entries only."""
+        logits, state, attention = self._forward(token_ids[:, None], state, context, training=False, projection=projection)
         return logits[:, 0], state, attention[:, 0]
 
     def call(self, target_in, state, context, training=False):
@@ -487,7 +488,7 @@ class TransformerDecoder(keras.layers.Layer):
         logits, _, attention = self._forward(target_in, state, context, training=training)
         return logits, attention
 
-    def _forward(self, tokens, state, context, training):
+    def _forward(self, tokens, state, context, training, projection=None):
         """tokens [batch, time] after the cached prefix -> logits, new state, attention."""
         time = tf.shape(tokens)[1]
         past = tf.shape(state["cache"][0]["key"])[2]
@@ -523,10 +524,12 @@ class TransformerDecoder(keras.layers.Layer):
             h = self.ffn_outer[i](self.activation_dropout_layer(h, training=training))
             x = x + self.dropout_layer(h, training=training)
         new_state = {"step": state["step"] + time, "cache": tuple(new_cache)}
-        return self._logits(self.final_norm(x)), new_state, alignment
+        return self._logits(self.final_norm(x), projection), new_state, alignment
 
-    def _logits(self, x):
-        """Float32 logits (as in AttentionDecoder)."""
+    def _logits(self, x, projection=None):
+        """Float32 logits (as in AttentionDecoder); over a shortlist with `projection`."""
+        if projection is not None:
+            return projected_logits(x, projection)
         if self.tie_embeddings:
             return tied_logits(x, self.embedding.embeddings, self.output_bias)
         return self.output_layer(x)

@@ -36,6 +36,8 @@ def load_translator(args):
 
     translator = _load_translator(args)
     use_bfloat16_products(translator, args.precision)
+    if args.no_shortlist and getattr(translator, "use_shortlist", None) is not None:
+        translator.use_shortlist.assign(False)
     return translator
 
 
@@ -246,11 +248,30 @@ def command_export(args):
     cli.choose_length_penalty(args, cli.model_path(from_models[0], "translation") if only_export else None)
     if others:  # members over different target vocabularies: one error line naming them, before anything is written
         ensemble_of([member_run.translator(member) for member_run, member in members], args.ensemble_combine, named)
+    shortlist = export_shortlist(args, run, from_models[0] if only_export else None)
+    if shortlist is not None and others:
+        raise cli.CommandError("--shortlist is for single-model exports, not ensembles: drop it")
     cli.write_export(
         lambda path: export(run, model, path, args.beam_size, args.length_penalty, args.replace_unknown,
-                            ensemble=others, combine=args.ensemble_combine, bf16_products=args.bf16_products),
+                            ensemble=others, combine=args.ensemble_combine, bf16_products=args.bf16_products,
+                            shortlist=shortlist),
         args.output, args.version,
     )
+
+
+def export_shortlist(args, run, from_model=None):
+    """The vocabulary shortlist to export: built from the run's training data with --shortlist N,
+    none with --shortlist 0, else the one the --from-model export carries (if any)."""
+    from seq2seq.tasks.translation.pipeline import exported_shortlist, run_shortlist
+
+    if args.shortlist is None:
+        return None if from_model is None else exported_shortlist(cli.model_path(from_model, "translation"))
+    if args.shortlist == 0:
+        return None
+    try:
+        return run_shortlist(run, args.shortlist, args.shortlist_frequent)
+    except (OSError, ValueError) as error:
+        raise cli.CommandError(f"--shortlist reads the training data the model's config names, and failed: {error}") from error
 
 
 def export_member(args, path, kind):
@@ -279,6 +300,9 @@ def add_model_flags(parser):
                         help="matrix products of the search: bf16 is about 1.3x faster on CPUs with AMX or "
                              "AVX512-BF16 and slower elsewhere; auto takes it where the CPU has them (default: auto; "
                              "SavedModels exported before 2026-12-07 always use float32)")
+    parser.add_argument("--no-shortlist", action="store_true",
+                        help="decode over the whole target vocabulary even if the model was exported with a "
+                             "vocabulary shortlist (export --shortlist) (default: the model's shortlist, if any)")
 
 
 def build_parser():
@@ -338,6 +362,14 @@ def build_parser():
                              "about 4x smaller; bf16: every weight stored and every matrix product run in "
                              "bfloat16, 2x smaller and the fastest on CPUs with AMX or AVX512-BF16 (slower on "
                              "others); with --from-model, bf16 converts a float32 or int8 export (default: none)")
+    export.add_argument("--shortlist", type=cli.non_negative_int, metavar="N",
+                        help="vocabulary shortlist: each batch decodes over the N target tokens most associated "
+                             "with each of its source tokens in the training data (read again from the paths in "
+                             "the model's config), the --shortlist-frequent most frequent ones and the reserved "
+                             "ones, not the whole vocabulary (faster; translate --no-shortlist turns it off); 0: "
+                             "none (default: none, or with --from-model the one the export carries)")
+    export.add_argument("--shortlist-frequent", type=cli.non_negative_int, default=300, metavar="F",
+                        help="the most frequent target tokens every shortlist holds (default: 300)")
     export.add_argument("--bf16-products", action="store_true",
                         help="the export's searches start with bfloat16 matrix products (weights kept as they are): "
                              "for TF Serving on CPUs with AMX or AVX512-BF16; translate and evaluate choose per CPU "

@@ -40,6 +40,7 @@ from seq2seq.tasks.translation.inference import translate_lines  # noqa: F401  (
 from seq2seq.tasks.translation.subword import (
     SentencePieceTokenizer, sentencepiece_models_in_graph, sentencepiece_vocabulary, train_sentencepiece,
 )
+from seq2seq.tasks.translation.shortlist import build_shortlist, training_pairs
 from seq2seq.tasks.translation.translator import Translator
 
 
@@ -286,7 +287,7 @@ class TranslationRun:
     def build_model(self):
         return build_model(self.config.model, len(self.target_vocab), len(self.source_vocab))
 
-    def translator(self, model, replace_unknown=False):
+    def translator(self, model, replace_unknown=False, shortlist=None):
         return Translator(
             model,
             self.source_tokenizer,
@@ -295,6 +296,7 @@ class TranslationRun:
             self.target_vocab,
             max_source_length=self.config.data.max_source_length,
             replace_unknown=replace_unknown,
+            shortlist=shortlist,
         )
 
     def load_model(self, weights="best", average_last=None):
@@ -405,7 +407,7 @@ def _train(config, precision_note, validation_bleu, callbacks):
 
 
 def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unknown=False, ensemble=(),
-           combine="probabilities", bf16_products=False):
+           combine="probabilities", bf16_products=False, shortlist=None):
     """Writes a SavedModel with `serving_default` (texts -> translations, scores; beam search
     inside), `translate` (texts, beam_size, n_best, length_penalty -> everything) and
     `translate_with_prefix` (the same with a target prefix a text).
@@ -416,8 +418,14 @@ def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unkn
 
     `bf16_products`: the export's searches start with bfloat16 matrix products switched on
     (`Translator.bf16_products`), for servers with AMX or AVX512-BF16; this toolkit's commands
-    set the switch per CPU when they load an export anyway."""
-    translator = run.translator(model, replace_unknown=replace_unknown)
+    set the switch per CPU when they load an export anyway.
+
+    `shortlist`: a vocabulary shortlist (`shortlist.build_shortlist`, see `run_shortlist`) the
+    searches decode over (switch: `use_shortlist`); kept in assets.extra/shortlist.npz too, so
+    that `export --from-model` writes it again. Not for ensembles."""
+    if shortlist is not None and ensemble:
+        raise ValueError("a vocabulary shortlist is for single-model exports, not ensembles")
+    translator = run.translator(model, replace_unknown=replace_unknown, shortlist=shortlist)
     if ensemble:
         members = [translator, *(member_run.translator(member) for member_run, member in ensemble)]
         translator = Translator.ensemble(members, combine)
@@ -429,6 +437,9 @@ def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unkn
     }
     extra = save_export(translator, export_dir, signatures, run.config, beam_size, length_penalty)
     save_tokenization(run, extra)
+    if shortlist is not None:
+        table, frequent = shortlist
+        np.savez(extra / SHORTLIST_FILE, table=table, frequent=frequent)
     if ensemble:
         for index, (member_run, _) in enumerate([(run, model), *ensemble]):
             member_dir = extra / ENSEMBLE_MEMBERS / str(index)
@@ -441,6 +452,28 @@ def export(run, model, export_dir, beam_size=5, length_penalty=0.6, replace_unkn
 
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_MEMBERS = "members"
+SHORTLIST_FILE = "shortlist.npz"
+
+
+def run_shortlist(run, per_token, frequent):
+    """A vocabulary shortlist (`shortlist.build_shortlist`) from the run's training data (as its
+    config names it), tokenized with the run's own tokenizers and vocabularies."""
+    started = time.monotonic()
+    _, lines = training_data(run.config)
+    pairs = training_pairs(run, lines["source"](), lines["target"]())
+    table, frequent_ids = build_shortlist(pairs, len(run.source_vocab), len(run.target_vocab), per_token, frequent)
+    log(f"shortlist: {per_token} target tokens a source token and the {len(frequent_ids)} most frequent, "
+        f"from the training data in {time.monotonic() - started:.0f} s")
+    return table, frequent_ids
+
+
+def exported_shortlist(export_dir):
+    """The shortlist an export carries in assets.extra (None if it has none)."""
+    path = Path(export_dir) / "assets.extra" / SHORTLIST_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return saved["table"], saved["frequent"]
 
 
 def save_tokenization(run, directory):

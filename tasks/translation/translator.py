@@ -10,6 +10,7 @@ from seq2seq import products
 from seq2seq.decoding import max_length_from_source, one_prefix_each, prefix_from_ragged
 from seq2seq.ensemble import Ensemble
 from seq2seq.model import ExportedModel
+from seq2seq.tasks.translation.shortlist import batch_shortlist
 from seq2seq.text import PAD_ID, UNK
 
 TEXT_SPEC = tf.TensorSpec([None], tf.string, name="texts")
@@ -45,6 +46,7 @@ class Translator(tf.Module):
         length_ratio=2.0,
         length_offset=10,
         replace_unknown=False,
+        shortlist=None,
         name=None,
     ):
         super().__init__(name=name)
@@ -59,6 +61,17 @@ class Translator(tf.Module):
         # about 1.3x faster decoding on CPUs with AMX or AVX512-BF16, slower elsewhere. Off in a
         # SavedModel as written (right on every CPU); `use_bfloat16_products` turns it on.
         self.bf16_products = tf.Variable(False, trainable=False, name="bf16_products")
+        # A vocabulary shortlist (`shortlist.build_shortlist`: table, frequent ids): the searches
+        # choose among the target tokens the batch's sources make likely. On as written;
+        # `use_shortlist` switches it off (the whole vocabulary, as without one).
+        self.shortlist = None
+        if shortlist is not None:
+            table, frequent = shortlist
+            self.shortlist = (
+                tf.Variable(table, trainable=False, dtype=tf.int32, name="shortlist_table"),
+                tf.Variable(frequent, trainable=False, dtype=tf.int32, name="shortlist_frequent"),
+            )
+            self.use_shortlist = tf.Variable(True, trainable=False, name="use_shortlist")
 
     def _members(self, exported, sides):
         """The models and their source sides ((tokenizer, vocabulary, max_source_length) each): the
@@ -146,14 +159,18 @@ class Translator(tf.Module):
         else:
             searcher, sources = Ensemble(self.models, self.combine), [side[0] for side in sides]
 
+        output_ids = self._output_ids(source_ids, prefix)
+
         def greedy():
-            return tuple(searcher.generate(sources, search="greedy", max_length=max_length, prefix=prefix))
+            return tuple(
+                searcher.generate(sources, search="greedy", max_length=max_length, prefix=prefix, output_ids=output_ids)
+            )
 
         def beam():
             return tuple(
                 searcher.generate(
                     sources, search="beam", max_length=max_length, beam_size=beam_size,
-                    n_best=n_best, length_penalty=length_penalty, prefix=prefix,
+                    n_best=n_best, length_penalty=length_penalty, prefix=prefix, output_ids=output_ids,
                 )
             )
 
@@ -193,6 +210,19 @@ class Translator(tf.Module):
             "attention": attention[:, 0],
             "source_truncated": truncated,
         }
+
+    def _output_ids(self, source_ids, prefix):
+        """The batch's shortlist of target ids (`shortlist.batch_shortlist`), or the whole
+        vocabulary when `use_shortlist` is off; None for a Translator without a shortlist."""
+        if self.shortlist is None:
+            return None
+        table, frequent = self.shortlist
+        prefix_ids = None if prefix is None else prefix[0]
+        return tf.cond(
+            self.use_shortlist,
+            lambda: batch_shortlist(table, frequent, source_ids, prefix_ids),
+            lambda: tf.range(len(self.target_vocab), dtype=tf.int32),
+        )
 
     @staticmethod
     def _source_ids(texts, tokenizer, vocab, max_source_length):
