@@ -1,7 +1,7 @@
 """Decoding speed of an exported translation SavedModel. Run by hand, never as a test.
 
     python bench/decode_bench.py saved_models/multi30k_en_de_transformer [--repeats 2] [--skip-cli] [--precision auto]
-        [--cli-threads]
+        [--cli-threads] [--no-shortlist]
 
 For greedy and beam 5 over Multi30k test_2016_flickr (in-process, the `translate` signature,
 batches of 64 sorted by length) it prints the wall time, sentences/s, generated tokens/s
@@ -116,6 +116,9 @@ def main():
     parser.add_argument("--cli-threads", action="store_true",
                         help="decode as the translation commands do in their own process: one intra-op thread and "
                              "one batch a core at a time (`cli.decoding_streams`); every figure then runs so")
+    parser.add_argument("--no-shortlist", action="store_true",
+                        help="decode over the whole vocabulary even if the export has a shortlist (export --shortlist), "
+                             "as `translate --no-shortlist`; the CLI line then times the shortlist still")
     args = parser.parse_args()
     streams = cli.decoding_streams(own_process=True) if args.cli_threads else 2
     if not DATA.is_dir():
@@ -125,8 +128,12 @@ def main():
     references = read_lines(DATA / "test_2016_flickr.de.gz")
     start = time.perf_counter()
     model = tf.saved_model.load(str(model_dir))
+    shortlist = getattr(model, "use_shortlist", None)
+    if shortlist is not None and args.no_shortlist:
+        shortlist.assign(False)
     print(f"{model_dir}: loaded in {time.perf_counter() - start:.1f} s; "
-          f"products {use_bfloat16_products(model, args.precision)}")
+          f"products {use_bfloat16_products(model, args.precision)}; "
+          f"vocabulary shortlist {'on' if shortlist is not None and bool(shortlist.numpy()) else 'off'}")
     if args.profile:
         return profile(model, sources, args)
     rate = matmul_rate()

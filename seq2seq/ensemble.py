@@ -54,14 +54,11 @@ class Ensemble:
         encoded = [model.encode(source, training=False) for model, source in zip(self.models, sources)]
         return tuple(context for context, _ in encoded), tuple(state for _, state in encoded)
 
-    def step(self, tokens, states, contexts):
-        """The step contract over the members: float32 log-probabilities of the combination
-        (logits up to a constant per row, which no search depends on), the members' new states,
-        and the first member's attention."""
-        return self.combined_step([model.decoder.step for model in self.models])(tokens, states, contexts)
-
     def combined_step(self, member_steps):
-        """`step` over the given step functions, one a member (a shortlist's restricted steps)."""
+        """The step contract over the members' step functions (their decoders' steps, or a
+        shortlist's restricted steps): float32 log-probabilities of the combination (logits up
+        to a constant per row, which no search depends on), the members' new states, and the
+        first member's attention."""
         return lambda tokens, states, contexts: self._combine(
             [step(tokens, state, context) for step, state, context in zip(member_steps, states, contexts)]
         )
