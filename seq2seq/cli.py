@@ -37,7 +37,8 @@ class CommandError(Exception):
 
 
 def positive_int(text, least=1):
-    """argparse type: an integer of at least 1 (a count: checkpoints, hypotheses, batch size)."""
+    """argparse type: an integer of at least `least`, 1 unless told (a count: checkpoints,
+    hypotheses, batch size)."""
     try:
         value = int(text)
     except ValueError:
