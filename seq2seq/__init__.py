@@ -53,3 +53,4 @@ __all__ = [
     "sequence_score",
 ]
 __version__ = "0.1.0"
+TESTED_WITH = "Keras 3.15 and TensorFlow 2.21"  # the versions keras_compat's private hooks were verified with

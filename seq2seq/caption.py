@@ -43,10 +43,9 @@ def model_info(model):
 
 
 def command_train(args):
-    from seq2seq.tasks.captioning.config import CaptionConfig
     from seq2seq.tasks.captioning.pipeline import train
 
-    config = cli.train_config(CaptionConfig, args)
+    config = cli.train_config(train_config_class(), args)
     train(config, validation_bleu=not args.no_validation_bleu)
     print(f"trained: {config.training.output_dir}")
 
@@ -279,12 +278,16 @@ def add_model_flags(parser):
                         help="unreadable image files: skip them with a warning and a count, or stop with an error (default: skip)")
 
 
-def build_parser():
+def train_config_class():
     from seq2seq.tasks.captioning.config import CaptionConfig
 
+    return CaptionConfig
+
+
+def build_parser():
     parser, commands = cli.command_parser("python -m seq2seq.caption", __doc__)
     cli.add_train_command(
-        commands, CaptionConfig, "Train a captioning model from a YAML config and/or flags. Data: the built-in synthetic "
+        commands, train_config_class, "Train a captioning model from a YAML config and/or flags. Data: the built-in synthetic "
         "shapes (--shapes-train N), a Karpathy split JSON with --image-folder, TSV files (image<TAB>caption) or TFDS "
         "coco_captions.", command_train, "BLEU-4",
     )

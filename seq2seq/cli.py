@@ -147,20 +147,34 @@ def add_export_command(commands, description, task, beam_size, length_penalty, h
     return export
 
 
-def add_train_command(commands, config_class, description, handler, metric):
+def add_train_command(commands, load_config_class, description, handler, metric):
     """The `train` subcommand of a task: --config YAML, --no-validation-bleu, and one flag per
-    field of every section of `config_class` (a SectionedConfig)."""
+    field of every section of the config class `load_config_class()` returns (a SectionedConfig).
+    Importing that class imports Keras and TensorFlow, so when `main` parses another subcommand
+    the flags are left out and the class is not imported."""
     train = commands.add_parser("train", help="train a model (resumes when the output dir holds a run)",
                                 description=f"{description} Started again on the same --output-dir, it resumes from "
                                 "the last checkpoint.")
+    train.set_defaults(handler=handler, tears_down=True)
+    if _COMMAND_BEING_PARSED[0] not in (None, "train"):
+        return train
+    config_class = load_config_class()
     train.add_argument("--config", help=f"YAML config with sections {', '.join(config_class.SECTIONS)}; flags "
                        "override it (default: none, the flags and built-in defaults only)")
     train.add_argument("--no-validation-bleu", action="store_true",
                        help=f"skip the greedy validation {metric} at each checkpoint (default: computed)")
     for name, section in config_class.SECTIONS.items():
         add_dataclass_flags(train, name, section)
-    train.set_defaults(handler=handler, tears_down=True)
     return train
+
+
+_COMMAND_BEING_PARSED = [None]  # set by `main` while it builds its parser: the subcommand argv names
+
+
+def requested_command(argv):
+    """The subcommand argv names (its first word that is not a flag; the global flags take no
+    value), or None."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def flag_overrides(args):
@@ -184,8 +198,7 @@ def train_config(config_class, args):
 
 def add_global_flags(parser):
     """The flags every command has before its subcommand: --version and --tf-logs."""
-    from seq2seq import __version__
-    from seq2seq.keras_compat import TESTED_WITH
+    from seq2seq import TESTED_WITH, __version__
 
     parser.add_argument("--version", action="version", version=f"seq2seq {__version__} (verified with {TESTED_WITH})",
                         help="print the version and exit")
@@ -205,7 +218,11 @@ def main(build_parser, argv=None, exit_process=False):
     Transformer export; every file is closed and the output flushed by then."""
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     with native_logs_filtered("--tf-logs" not in argv and USER_TF_LOG_LEVEL is None):
-        args = build_parser().parse_args(argv)
+        _COMMAND_BEING_PARSED[0] = requested_command(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        finally:
+            _COMMAND_BEING_PARSED[0] = None
         args.own_process = exit_process
         code = run_main(args.handler, args)
     if not exit_process:
@@ -223,8 +240,7 @@ def main(build_parser, argv=None, exit_process=False):
 
 def run_main(handler, args):
     """Runs a subcommand, turning expected errors into one line on stderr and exit code 2."""
-    from seq2seq.text import DataError
-    from seq2seq.training import TrainingError
+    from seq2seq.errors import DataError, TrainingError
 
     try:
         return handler(args) or 0

@@ -34,6 +34,7 @@ import tensorflow as tf
 from seq2seq import distribute, keras_compat
 from seq2seq.cli import log
 from seq2seq.config import check_choices, option
+from seq2seq.errors import TrainingError  # noqa: F401  (raised here; imported from here by callers)
 from seq2seq.losses import MaskedCrossEntropy, WarmupDecay
 from seq2seq.optimizers import FusedAdam
 from seq2seq.precision import CHOICES as PRECISION_CHOICES
@@ -43,10 +44,6 @@ METRIC_MODES = {"val_loss": -1, "loss": -1, "val_bleu": 1}
 SUMMARY_FILE = "training_summary.json"
 # What a Trainer writes into its output dir (seq2seq.run.open_run removes a failed start's).
 TRAINER_FILES = ("checkpoints", "best.weights.h5", "logs", SUMMARY_FILE)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); the message says what to change."""
 
 
 @dataclasses.dataclass

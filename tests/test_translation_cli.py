@@ -538,6 +538,34 @@ def test_version_names_the_verified_keras_and_tensorflow(capsys):
                         capsys.readouterr().out)
 
 
+def test_a_console_translate_of_a_subword_export_starts_tensorflow_without_keras(capsys, sentencepiece_model):
+    """A console `translate` of one SavedModel (`translate.start_runtime`) imports neither Keras
+    nor matplotlib (`python -X importtime` lists every import) and still runs the SentencePiece
+    ops, whose libraries it loads itself; its output is the in-process output."""
+    text = "a man is riding a bike ."
+    completed = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "seq2seq.translate", "translate", "--model", str(sentencepiece_model[1]),
+         text], capture_output=True, text=True, timeout=180,
+    )
+    assert completed.returncode == 0, user_stderr(completed.stderr)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in completed.stderr.splitlines() if line.startswith("import time:")}
+    assert "tensorflow" in imported and "seq2seq.runtime" in imported
+    assert not {"keras", "matplotlib", "tensorflow_text"} & imported
+    assert cli("translate", "--model", sentencepiece_model[1], text) == 0
+    assert completed.stdout == capsys.readouterr().out
+
+
+def test_the_runtime_finds_tensorflow_texts_libraries_and_starts_only_before_tensorflow():
+    """The layout `runtime.start_without_keras` relies on (if tensorflow-text moves its libraries,
+    this fails, and commands quietly start the usual way); in a process that has imported
+    TensorFlow it does nothing."""
+    from seq2seq import runtime
+
+    assert any("sentencepiece" in library.name for library in runtime.text_op_libraries())
+    assert runtime.start_without_keras() is False
+    assert not runtime.started_without_keras()
+
+
 def test_the_console_command_prints_every_translation_and_its_exit_code(capsys, commands, word_model):
     """A console run of a few texts skips the graph optimizer and ends without teardown
     (`cli.main(exit_process=True)`): the output is whole, the same as in-process, exit code 0."""
