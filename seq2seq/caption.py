@@ -18,8 +18,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # what a 
 def resolve_model(path, weights="best"):
     """A captioner (with `caption` and `info`) from a SavedModel dir, a TF Serving model dir (highest
     version) or a run dir."""
-    from seq2seq.tasks.captioning.pipeline import CaptionRun
-
     path = cli.model_path(path, "captioning")
     if weights != "best" and not is_run_dir(path):
         raise cli.CommandError("--weights needs --model to be a run directory")
@@ -29,6 +27,8 @@ def resolve_model(path, weights="best"):
             raise cli.CommandError(f"{path}: not a captioning SavedModel (no caption function)")
         return model
     if is_run_dir(path):
+        from seq2seq.tasks.captioning.pipeline import CaptionRun
+
         run = CaptionRun.load(path)
         return run.captioner(run.load_model(weights=weights))
     raise cli.CommandError(f"{path}: neither a SavedModel nor a run directory")
@@ -59,6 +59,7 @@ def command_caption(args):
             break
     if not any(leading):
         raise cli.CommandError("no images given (pass image files as arguments, --input FILE, or paths on stdin)")
+    cli.start_runtime(args, args.model, "captioning")
     model = resolve_model(args.model, args.weights)
     cli.choose_length_penalty(args, cli.model_path(args.model, "captioning"))
     try:

@@ -302,6 +302,22 @@ def test_export_loads_in_a_fresh_process_without_this_project(tiny_caption_run, 
     assert captions[-1].split()[:5] == fresh["captions"][-1].split()[:5]
 
 
+def test_a_console_caption_of_an_export_starts_tensorflow_without_keras(tiny_export, images, capsys):
+    """A console `caption` of a SavedModel (`cli.start_runtime`) imports neither Keras nor
+    matplotlib (`python -X importtime` lists every import); its output is the in-process output."""
+    paths = [str(path) for path in images["good"][:2]]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "seq2seq.caption", "caption", *paths, "--model", str(tiny_export)],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "tensorflow" in imported and "seq2seq.runtime" in imported
+    assert not {"keras", "matplotlib"} & imported
+    code, out, _ = run_cli(capsys, "caption", *paths, "--model", tiny_export)
+    assert code == 0 and done.stdout == out
+
+
 def test_saved_model_cli_run(tiny_export, images):
     data = images["good"][0].read_bytes()
     done = subprocess.run(
