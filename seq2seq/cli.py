@@ -209,8 +209,8 @@ def add_global_flags(parser):
 
 def main(build_parser, argv=None, exit_process=False):
     """A command's `main`: parses argv and runs its subcommand, with TensorFlow's native log
-    lines kept off stderr throughout (building the parser already imports TensorFlow) unless
-    --tf-logs or the user's own TF_CPP_MIN_LOG_LEVEL asks for them.
+    lines kept off stderr throughout (building `train`'s parser already imports TensorFlow)
+    unless --tf-logs or the user's own TF_CPP_MIN_LOG_LEVEL asks for them.
 
     exit_process (the console commands): ends the process when the subcommand is done, and,
     except after `train` (whose background threads may still write), without Python's and
