@@ -25,8 +25,9 @@ def test_shipped_captioner_is_there_and_small():
 
 
 def test_shipped_captioner_meets_its_targets(tmp_path, capsys):
-    """Issue targets on test-seed images (1,000 in COMMAND.md; 200 here to stay fast): BLEU-4 >= 0.60
-    and the most-attended cell on the named object for >= 70% of colour and shape words."""
+    """Its targets on test-seed images (1,000 in COMMAND.md: BLEU-4 0.934, localisation 93.4%; 200
+    here to stay fast, so with some margin): BLEU-4 >= 0.90 and the most-attended cell on the
+    named object for >= 85% of colour and shape words."""
     from seq2seq import caption
 
     scores = tmp_path / "scores.json"
@@ -35,8 +36,28 @@ def test_shipped_captioner_meets_its_targets(tmp_path, capsys):
     capsys.readouterr()
     for search in ("greedy", "beam 3"):
         result = json.loads(scores.read_text())["searches"][search]
-        assert result["bleu_4"] >= 0.60, (search, result)
-        assert result["localisation"] >= 0.70 and result["words"] > 500, (search, result)
+        assert result["bleu_4"] >= 0.90, (search, result)
+        assert result["localisation"] >= 0.85 and result["words"] > 500, (search, result)
+
+
+def test_shipped_captioner_holds_up_on_jpeg_and_other_sizes(tmp_path, capsys):
+    """bench/caption_robustness.py in a smoke size (100 scenes a form; 1,000 in COMMAND.md): JPEG
+    q75 copies captioned about as well as the PNGs, both localised, scenes of other sizes and
+    aspect ratios (squashed by the serving graph) still captioned well."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("caption_robustness", ROOT / "bench" / "caption_robustness.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    figures = tmp_path / "robustness.json"
+    bench.main(["--model", str(SHIPPED), "--images", "100", "--json", str(figures)])
+    capsys.readouterr()
+    results = json.loads(figures.read_text())
+    png, jpeg = results["PNG 64x64"], results["JPEG q75 64x64"]
+    assert png["bleu_4"] >= 0.90 and jpeg["bleu_4"] >= 0.90, results
+    assert abs(png["bleu_4"] - jpeg["bleu_4"]) <= 0.03, results
+    assert png["localisation"] >= 0.85 and jpeg["localisation"] >= 0.85, results
+    assert results["PNG 96x96"]["bleu_4"] >= 0.88 and results["PNG 64x96"]["bleu_4"] >= 0.87, results
 
 
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
