@@ -429,7 +429,10 @@ def start_runtime(args, model, task):
     except CommandError:
         return
     if (path / "saved_model.pb").is_file():
-        runtime.start_without_keras()
+        try:
+            runtime.start_without_keras()
+        except RuntimeError as error:  # a TensorFlow Text library that does not load
+            raise CommandError(str(error)) from None
 
 
 def load_saved_model(path):

@@ -566,6 +566,27 @@ def test_the_runtime_finds_tensorflow_texts_libraries_and_starts_only_before_ten
     assert not runtime.started_without_keras()
 
 
+def test_a_text_op_library_that_does_not_load_is_one_error_line(tmp_path, word_model):
+    """In a fresh process, a TensorFlow Text library that fails to load stops the command with
+    one line naming it (`cli.start_runtime`), not a traceback."""
+    broken = tmp_path / "_broken_ops.so"
+    broken.write_text("not a shared library")
+    script = (
+        "import sys, types\n"
+        "from pathlib import Path\n"
+        "from seq2seq import cli, runtime\n"
+        f"runtime.text_op_libraries = lambda: [Path({str(broken)!r})]\n"
+        "try:\n"
+        f"    cli.start_runtime(types.SimpleNamespace(own_process=True), {str(word_model[1])!r}, 'translation')\n"
+        "except cli.CommandError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, user_stderr(done.stderr)
+    assert done.stdout.startswith(f"cannot load TensorFlow Text's ops from {broken}"), done.stdout
+    assert len(done.stdout.strip().splitlines()) == 1
+
+
 def test_the_console_command_prints_every_translation_and_its_exit_code(capsys, commands, word_model):
     """A console run of a few texts skips the graph optimizer and ends without teardown
     (`cli.main(exit_process=True)`): the output is whole, the same as in-process, exit code 0."""
