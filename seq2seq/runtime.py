@@ -4,9 +4,9 @@
 Keras then imports matplotlib when it is installed), and `import tensorflow_text`, which a
 SavedModel with subword tokenizers needs for its ops, reaches for `tf.keras` as well. A SavedModel
 needs neither: only TensorFlow Text's op kernels, which `tf.load_op_library` registers from the
-package's own libraries. Started so, a one-sentence `translate` of the default model took
-6.3-7.3 s instead of 7.2-8.9 s from process start to the printed line (2026-12-07, this 2-core
-machine; `import tensorflow` alone 3.4-4.7 s instead of 4.5-6.1 s).
+package's own libraries. Started so, the imports of a one-sentence `translate` before its model
+loads took 3.2-5.2 s instead of 5.4-6.0 s (`python -X importtime`, three runs each, 2026-12-07,
+a slow hour on this 2-core machine; README, "Decoding speed").
 
 The price: in such a process `tf.keras` and `import tensorflow_text` fail (TensorFlow was told
 to use the legacy Keras package, which is absent), so only a command's own process, whose model
