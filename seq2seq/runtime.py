@@ -6,7 +6,7 @@ SavedModel with subword tokenizers needs for its ops, reaches for `tf.keras` as 
 needs neither: only TensorFlow Text's op kernels, which `tf.load_op_library` registers from the
 package's own libraries. Started so, the imports of a one-sentence `translate` before its model
 loads took 3.2-5.2 s instead of 5.4-6.0 s (`python -X importtime`, three runs each, 2026-12-07,
-a slow hour on this 2-core machine; README, "Decoding speed").
+a slow hour on this 2-core machine; README, Speed, Decoding).
 
 The price: in such a process `tf.keras` and `import tensorflow_text` fail (TensorFlow was told
 to use the legacy Keras package, which is absent), so only a command's own process, whose model
