@@ -38,6 +38,7 @@ from seq2seq import cli  # noqa: E402
 from seq2seq.products import use_bfloat16_products  # noqa: E402
 from seq2seq.tasks.translation.data import read_lines  # noqa: E402
 from seq2seq.tasks.translation.inference import translate_lines  # noqa: E402
+from seq2seq.tasks.translation.shortlist import use_shortlist  # noqa: E402
 from seq2seq.tasks.translation.evaluation import corpus_scores  # noqa: E402
 from timing import op_table  # noqa: E402  (bench/timing.py: scripts run as python bench/NAME.py)
 
@@ -128,12 +129,10 @@ def main():
     references = read_lines(DATA / "test_2016_flickr.de.gz")
     start = time.perf_counter()
     model = tf.saved_model.load(str(model_dir))
-    shortlist = getattr(model, "use_shortlist", None)
-    if shortlist is not None and args.no_shortlist:
-        shortlist.assign(False)
+    shortlisted = use_shortlist(model, not args.no_shortlist)
     print(f"{model_dir}: loaded in {time.perf_counter() - start:.1f} s; "
           f"products {use_bfloat16_products(model, args.precision)}; "
-          f"vocabulary shortlist {'on' if shortlist is not None and bool(shortlist.numpy()) else 'off'}")
+          f"vocabulary shortlist {'on' if shortlisted else 'off'}")
     if args.profile:
         return profile(model, sources, args)
     rate = matmul_rate()

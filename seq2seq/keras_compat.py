@@ -9,7 +9,7 @@ it; the test suite checks them all.
 import keras
 import tensorflow as tf
 
-from seq2seq import TESTED_WITH  # noqa: F401  (named here too: what these hooks were verified with)
+from seq2seq import TESTED_WITH
 
 # Methods of Keras's TensorFlow optimizer that `distribute.AllReduceThenClipAdam` overrides.
 OPTIMIZER_OVERRIDES = ("_clip_gradients", "_all_reduce_sum_gradients")

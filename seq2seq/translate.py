@@ -39,11 +39,12 @@ def load_translator(args):
     """The translate function of --model, or the ensemble Translator of several --model, with
     its matrix products in the --precision asked for."""
     from seq2seq.products import use_bfloat16_products
+    from seq2seq.tasks.translation.shortlist import use_shortlist
 
     translator = _load_translator(args)
     use_bfloat16_products(translator, args.precision)
-    if args.no_shortlist and getattr(translator, "use_shortlist", None) is not None:
-        translator.use_shortlist.assign(False)
+    if args.no_shortlist:
+        use_shortlist(translator, False)
     return translator
 
 

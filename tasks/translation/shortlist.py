@@ -114,3 +114,14 @@ def batch_shortlist(table, frequent, source_ids, prefix_ids=None):
     if prefix_ids is not None:
         candidates.append(tf.reshape(prefix_ids, [-1]))
     return tf.sort(tf.unique(tf.concat(candidates, 0)).y)
+
+
+def use_shortlist(module, on):
+    """Switches the vocabulary shortlist of a Translator, or of a SavedModel it was exported as
+    (its `use_shortlist` variable), on or off; returns whether one is in use now (False for a
+    model without a shortlist)."""
+    switch = getattr(module, "use_shortlist", None)
+    if switch is None:
+        return False
+    switch.assign(bool(on))
+    return bool(on)
