@@ -52,10 +52,13 @@ def output_projection(decoder, ids):
         layer = decoder.output_layer
         variable, bias, axis = layer.kernel, layer.bias, 1
         scale = layer.kernel_scale if layer.quantization_mode == "int8" else None
+    bias = tf.zeros(tf.shape(ids), tf.float32) if bias is None else tf.gather(ops.cast(bias, "float32"), ids)
     matrix = products.prepared_weight(variable)
+    if scale is not None:  # int8: only the shortlist's columns are dequantized
+        dtype = decoder.compute_dtype if matrix is None else matrix.dtype
+        return products.dequantized_columns(variable, scale, ids, dtype), bias, False
     if matrix is None:
         matrix = ops.cast(products.weight(variable, scale), decoder.compute_dtype)
-    bias = tf.zeros(tf.shape(ids), tf.float32) if bias is None else tf.gather(ops.cast(bias, "float32"), ids)
     return tf.gather(matrix, ids, axis=axis), bias, axis == 0
 
 

@@ -48,6 +48,17 @@ def _dequantize(kernel, scale, dtype):
     return tf.cast(tf.reshape(matrix, kernel.shape), dtype)
 
 
+def dequantized_columns(kernel, scale, columns, dtype):
+    """The columns `columns` [C] of a 2-D int8 kernel [inputs, outputs] (one scale per output
+    channel) dequantized in `dtype`: the same values as gathering them from `_dequantize`'s
+    matrix, but only C columns are cast and rescaled. A shortlist's output layer: dequantizing
+    the shipped RNN's whole [384, 8000] kernel and gathering from it was 3.8 of the 9.7 ms of op
+    time outside the search loop for one sentence, and a quarter of a greedy pass over a test
+    set with one intra-op thread (measured 2026-12-07)."""
+    inverse = 1.0 / tf.gather(tf.reshape(tf.cast(scale, tf.float32), [-1]), columns)
+    return tf.cast(tf.cast(tf.gather(kernel, columns, axis=1), tf.float32) * inverse, dtype)
+
+
 def prepared_weight(variable):
     """The weight `prepared` made of `variable` (within its scope), else None."""
     return _PREPARED.get(id(variable))

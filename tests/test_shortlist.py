@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from seq2seq import products
 from seq2seq.ensemble import Ensemble
 from seq2seq.model import build_rnn_model, quantize_weights
 from seq2seq.tasks.translation import shortlist as shortlists
@@ -122,6 +123,41 @@ def test_an_int8_model_and_an_ensemble_decode_over_the_whole_vocabulary_as_witho
         listed = searcher.generate(sources, search="beam", beam_size=3, max_length=6, output_ids=tf.range(VOCAB))
         np.testing.assert_array_equal(plain.ids.numpy(), listed.ids.numpy())
         np.testing.assert_allclose(plain.scores.numpy(), listed.scores.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_an_int8_output_layer_over_a_shortlist_dequantizes_only_its_columns(dtype):
+    model, source = _model("rnn")
+    quantize_weights(model)
+    layer = model.decoder.output_layer
+    ids = tf.constant([0, 1, 2, 3, 7, 21, 29])
+    # The same values as the shortlist's columns of the whole dequantized kernel.
+    whole = products.weight(layer.kernel, layer.kernel_scale)
+    np.testing.assert_array_equal(
+        products.dequantized_columns(layer.kernel, layer.kernel_scale, ids, dtype).numpy(),
+        tf.cast(tf.gather(whole, ids, axis=1), dtype).numpy(),
+    )
+
+    # In a shortlisted search, no cast reads the whole [units, vocabulary] int8 kernel.
+    @tf.function
+    def search(s, ids):
+        with products.product_dtype(dtype):
+            return model.generate(s, search="beam", beam_size=3, max_length=6, output_ids=ids).ids
+
+    graph = search.get_concrete_function(tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)).graph
+    needed, pending = set(), [tensor.op for tensor in graph.outputs]
+    while pending:  # the ops the outputs depend on (TensorFlow prunes the others)
+        op = pending.pop()
+        if op not in needed:
+            needed.add(op)
+            pending += [tensor.op for tensor in op.inputs] + list(op.control_inputs)
+    full = tuple(layer.kernel.shape)
+    casts = [op.name for op in needed if op.type == "Cast" and op.inputs[0].dtype == tf.int8 and tuple(op.inputs[0].shape) == full]
+    assert casts == []
+    listed = search(tf.constant(source), tf.range(VOCAB)).numpy()
+    with products.product_dtype(dtype):
+        plain = model.generate(tf.constant(source), search="beam", beam_size=3, max_length=6).ids.numpy()
+    np.testing.assert_array_equal(listed, plain)
 
 
 def test_export_with_a_shortlist_serves_it_keeps_it_and_the_commands_can_switch_it_off(word_model, tmp_path, capsys):
