@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: per-step wall time of Keras `fit`, the per-op profile table."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -48,7 +49,30 @@ def op_table(logdir, top, top_names=0):
     print(f"\nTensorFlow ops by self time ({total / 1000:.0f} ms in all over the profiled steps):")
     for op_type, micros in sorted(by_type.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {op_type:<34} {micros / 1000:9.1f} ms  {100 * micros / total:5.1f}%")
+    parts = {}
+    for name, micros in by_name.items():
+        part = model_part(str(name))
+        parts[part] = parts.get(part, 0.0) + micros
+    print("\nBy part of the model:")
+    for part, micros in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {part:<34} {micros / 1000:9.1f} ms  {100 * micros / total:5.1f}%")
     if top_names:
         print("\nSingle ops by self time:")
         for name, micros in sorted(by_name.items(), key=lambda kv: -kv[1])[:top_names]:
             print(f"  {str(name)[-90:]:<90} {micros / 1000:9.1f} ms  {100 * micros / total:5.1f}%")
+
+
+_PARTS = (
+    ("decoder time loop, backward", r"decoder.*/while.*(grad|gradients)|decoder_gradient"),
+    ("decoder time loop, forward", r"decoder.*/while"),
+    ("encoder time loops, backward", r"encoder.*/while.*(grad|gradients)"),
+    ("encoder time loops, forward", r"encoder.*/while"),
+    ("output layer and loss", r"output_layer|compile_loss|cross_entropy"),
+    ("optimizer and clipping", r"(?i)adam|clip|global_norm|optimizer"),
+    ("idle threads", r"^IDLE$"),
+)
+
+
+def model_part(op_name):
+    """The part of a seq2seq training step an op (by its name) belongs to."""
+    return next((part for part, pattern in _PARTS if re.search(pattern, op_name)), "other")

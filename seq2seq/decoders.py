@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from seq2seq import products
+from seq2seq import fused_decoder, products
 from seq2seq.attention import make_attention
 from seq2seq.precision import Dense, Dropout
 from seq2seq.rnn import RecurrentCell, check_cell_type
@@ -255,6 +255,14 @@ class AttentionDecoder(keras.layers.Layer):
             output_dropout = self._dropout_mask(shape, dtype)
             if self.num_layers > 1:
                 layer_dropout = self._dropout_mask((num_steps, self.num_layers - 1, batch_size, self.units), dtype)
+        if fused_decoder.supports(self) and products.prepared_weight(self.cells[0].kernel) is None:
+            attentional, weights = fused_decoder.luong_lstm_loop(
+                projected, state["cells"][0], state.get("feed"), context["keys"], context["memory"],
+                context["memory_mask"], self.cells[0].recurrent_kernel.value, feed_kernel,
+                self.attention_output.kernel.value, output_dropout,
+            )
+            attentional = tf.transpose(attentional, [1, 0, 2])  # [batch, time, units]
+            return self._logits(attentional), tf.transpose(weights, [1, 0, 2])
         # Per-step inputs are read from a TensorArray: its gradient is one slice per step,
         # where indexing the whole tensor would send back a full-size gradient every step.
         projected = tf.TensorArray(projected.dtype, size=num_steps).unstack(projected)
