@@ -7,8 +7,8 @@ Run by hand, never as a timed test.
 Trains the recipe (a `train --config` YAML: model, precision, batching, schedule,
 tokenization) with this project's `train` pipeline until the budget is spent (counted from
 the start of training, vocabulary and SentencePiece training included), writes a last
-checkpoint, averages the last checkpoints, translates the test set with beam search and
-prints cased sacreBLEU (13a) with the minutes of training. The default recipe is a
+checkpoint, averages the last checkpoints (up to --average-last, as many as the budget
+left), translates the test set with beam search and prints cased sacreBLEU (13a) with the minutes of training. The default recipe is a
 reference-size model (about 8.5M parameters) and the default test set Multi30k
 test_2016_flickr; data paths in the recipe are relative to the project root.
 """
@@ -78,14 +78,18 @@ def main(argv=None):
     _, model = train(config, validation_bleu=False, callbacks=[budget])
     minutes = (time.perf_counter() - start) / 60
     run = TranslationRun.load(output_dir)
-    model = run.load_model(average_last=args.average_last)
+    kept = len(list((output_dir / "checkpoints").glob("ckpt-*.index")))
+    average_last = max(1, min(args.average_last, kept))
+    if average_last < args.average_last:
+        print(f"note: the budget left {kept} checkpoint(s); averaging {average_last} instead of {args.average_last}")
+    model = run.load_model(average_last=average_last)
     sources = data.read_lines(args.test_source)
     references = data.read_lines(args.test_references)
     hypotheses = translate_lines(run.translator(model), sources, beam_size=args.beam_size)
     scores = corpus_scores(hypotheses, references)
     print(f"recipe: {args.recipe}; {model.count_params():,} parameters; precision {run.config.training.precision}")
     print(f"trained {minutes:.1f} minutes ({budget.stopped_at or 'all'} steps; budget {args.minutes:g} minutes)")
-    print(f"test sacreBLEU (beam {args.beam_size}, average of the last {args.average_last} checkpoints): "
+    print(f"test sacreBLEU (beam {args.beam_size}, average of the last {average_last} checkpoints): "
           f"{scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  ({scores['bleu_signature']})")
     return scores
 

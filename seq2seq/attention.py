@@ -15,7 +15,7 @@ from keras import ops
 from seq2seq.precision import Dense
 
 
-def _masked_softmax(scores, mask):
+def masked_softmax(scores, mask):
     """scores: [batch, src_len]; mask: [batch, src_len] bool -> weights with exact zeros at padding.
 
     A row whose mask is all false (an empty source) gets all-zero weights.
@@ -82,7 +82,7 @@ class BahdanauAttention(keras.layers.Layer):
             v = ops.cast(self.attention_g, keys.dtype) * v / ops.sqrt(ops.sum(ops.square(v)))
             hidden = hidden + ops.cast(self.attention_b, keys.dtype)
         scores = ops.sum(v * ops.tanh(hidden), axis=-1)  # [batch, src_len]
-        weights = _masked_softmax(scores, mask)
+        weights = masked_softmax(scores, mask)
         return _context(weights, memory), weights
 
     def get_config(self):
@@ -127,7 +127,7 @@ class LuongAttention(keras.layers.Layer):
 
     def call(self, query, keys, memory, mask):
         scores = _scores(query, keys)  # [batch, src_len]
-        weights = _masked_softmax(scores, mask)
+        weights = masked_softmax(scores, mask)
         return _context(weights, memory), weights
 
     def get_config(self):

@@ -26,6 +26,8 @@ operands. Gradients agree with TensorFlow's to rounding (tests/test_fused_decode
 
 import tensorflow as tf
 
+from seq2seq.attention import masked_softmax
+
 
 SOURCE_MULTIPLE = 8
 
@@ -95,7 +97,7 @@ def _loop(dtype, feeding, mask, output_dropout):
             tanh_c = tf.tanh(new_c)
             new_h = o * tanh_c
             query = tf.cast(tf.cast(new_h, dtype), tf.float32)
-            weights = _masked_softmax(tf.reduce_sum(query[:, None, :] * keys, -1), mask)
+            weights = masked_softmax(tf.reduce_sum(query[:, None, :] * keys, -1), mask)
             context = tf.reduce_sum(weights[:, :, None] * memory, 1)
             attention_in = tf.concat([tf.cast(context, dtype), tf.cast(new_h, dtype)], -1)
             return new_h, new_c, weights, attention_in, tf.concat([i, f, g, o, c, tanh_c, query], -1)
@@ -212,9 +214,3 @@ def _loop(dtype, feeding, mask, output_dropout):
 
     return loop(projected, h0, c0, feed, keys, memory, recurrent_kernel, feed_kernel, output_kernel)
 
-
-def _masked_softmax(scores, mask):
-    """As `attention._masked_softmax`: exact zeros at masked positions."""
-    scores = tf.where(mask, scores, tf.fill(tf.shape(scores), -1e9))
-    exp = tf.exp(scores - tf.reduce_max(scores, -1, keepdims=True))
-    return exp / tf.reduce_sum(exp, -1, keepdims=True) * tf.cast(mask, tf.float32)
