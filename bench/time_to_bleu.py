@@ -9,8 +9,9 @@ tokenization) with this project's `train` pipeline until the budget is spent (co
 the start of training, vocabulary and SentencePiece training included), writes a last
 checkpoint, averages the last checkpoints (up to --average-last, as many as the budget
 left), translates the test set with beam search and prints cased sacreBLEU (13a) with the
-minutes of training. The default recipe is a reference-size model (about 8.5M parameters) and the default test set Multi30k
-test_2016_flickr; data paths in the recipe are relative to the project root.
+minutes of training. The default recipe is a reference-size model (about 8.5M parameters)
+and the default test set Multi30k test_2016_flickr; data paths in the recipe are relative to
+the project root.
 """
 
 import argparse
