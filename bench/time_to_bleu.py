@@ -24,6 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from seq2seq.cli import prefer_onednn_products  # noqa: E402
+
+prefer_onednn_products()  # as the train command does
 import keras  # noqa: E402
 import yaml  # noqa: E402
 
