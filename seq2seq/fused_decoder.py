@@ -211,6 +211,3 @@ def _loop(dtype, feeding, mask, output_dropout):
         return (stacked["outputs"], stacked["weights"]), gradient
 
     return loop
-
-    return loop(projected, h0, c0, feed, keys, memory, recurrent_kernel, feed_kernel, output_kernel)
-
