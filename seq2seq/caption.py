@@ -43,7 +43,6 @@ def model_info(model):
 
 
 def command_train(args):
-    cli.prefer_onednn_products()
     from seq2seq.tasks.captioning.pipeline import train
 
     config = cli.train_config(train_config_class(), args)

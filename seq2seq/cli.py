@@ -32,8 +32,8 @@ def prefer_onednn_products():
     TF_ENABLE_ONEDNN_OPTS. TensorFlow enables them by itself only on CPUs with AVX512-VNNI or
     newer units; on an AVX2-only CPU (AMD EPYC, 2 cores, 2026-12-08) they trained config A in
     float32 10-15% faster than Eigen's kernels (`bench/profile_training.py --no-profile`, 60
-    steps, two rounds each: 604 / 665 against 698 / 718 ms a step). Call it before TensorFlow
-    is imported; afterwards it changes nothing."""
+    steps, two rounds each: 604 / 665 against 698 / 718 ms a step). `main` calls it for
+    `train`; it must run before TensorFlow is imported, and afterwards changes nothing."""
     if "tensorflow" not in sys.modules:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
@@ -230,6 +230,8 @@ def main(build_parser, argv=None, exit_process=False):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     with native_logs_filtered("--tf-logs" not in argv and USER_TF_LOG_LEVEL is None):
         _COMMAND_BEING_PARSED[0] = requested_command(argv)
+        if _COMMAND_BEING_PARSED[0] == "train":
+            prefer_onednn_products()  # before the parser, which imports TensorFlow
         try:
             args = build_parser().parse_args(argv)
         finally:

@@ -108,7 +108,6 @@ def ensemble_of(translators, combine, members):
 
 
 def command_train(args):
-    cli.prefer_onednn_products()
     from seq2seq.tasks.translation.pipeline import train
 
     config = cli.train_config(train_config_class(), args)

@@ -27,15 +27,21 @@ def bf16_policy():
 
 # oneDNN in training processes ----------------------------------------------------------
 
+@pytest.mark.parametrize("command", ["translate", "caption"])
 @pytest.mark.parametrize("user_setting, enabled", [(None, "True"), ("0", "False")])
-def test_a_training_process_runs_onednn_products_unless_the_user_turned_them_off(user_setting, enabled):
+def test_train_runs_onednn_products_unless_the_user_turned_them_off(command, user_setting, enabled):
     """TensorFlow turns oneDNN on by itself only on CPUs with AVX512-VNNI or newer; the train
-    commands turn it on everywhere (faster on AVX2), and TF_ENABLE_ONEDNN_OPTS=0 still wins."""
+    commands turn it on everywhere (faster on AVX2), and TF_ENABLE_ONEDNN_OPTS=0 still wins.
+    The command's train handler is replaced by one that reports what TensorFlow runs."""
     env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
     if user_setting is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = user_setting
-    code = ("from seq2seq import cli; cli.prefer_onednn_products(); import tensorflow; "
-            "from tensorflow.python.util import _pywrap_util_port as port; print(port.IsMklEnabled())")
+    code = (f"from seq2seq import {command} as command\n"
+            "def report(args):\n"
+            "    from tensorflow.python.util import _pywrap_util_port as port\n"
+            "    print(port.IsMklEnabled())\n"
+            "command.command_train = report\n"
+            "command.main(['train'])\n")
     result = subprocess.run([sys.executable, "-c", code], env=dict(env, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True,
                             text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip().splitlines()[-1:] == [enabled], result.stderr[-2000:]
