@@ -67,6 +67,7 @@ def main(argv=None):
         if not Path(path).is_file():
             sys.exit(f"error: {path} not found")
 
+    from seq2seq.run import checkpoint_paths
     from seq2seq.tasks.translation import data
     from seq2seq.tasks.translation.config import TranslationConfig
     from seq2seq.tasks.translation.evaluation import corpus_scores
@@ -82,7 +83,7 @@ def main(argv=None):
     _, model = train(config, validation_bleu=False, callbacks=[budget])
     minutes = (time.perf_counter() - start) / 60
     run = TranslationRun.load(output_dir)
-    kept = len(list((output_dir / "checkpoints").glob("ckpt-*.index")))
+    kept = len(checkpoint_paths(output_dir))
     average_last = max(1, min(args.average_last, kept))
     if average_last < args.average_last:
         print(f"note: the budget left {kept} checkpoint(s); averaging {average_last} instead of {args.average_last}")

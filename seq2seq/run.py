@@ -218,13 +218,18 @@ def _lock_holder(text):
         return "its pid is unknown"
 
 
+def checkpoint_paths(run_dir):
+    """The checkpoints a run keeps, oldest first ([] before its first)."""
+    checkpoints = tf.train.get_checkpoint_state(str(Path(run_dir) / "checkpoints"))
+    return list(checkpoints.all_model_checkpoint_paths) if checkpoints else []
+
+
 def load_trained_weights(model, run_dir, weights="best", average_last=None):
     """Loads a run's trained weights into `model`: "best" (best.weights.h5, else the last
     checkpoint), "last" (the last checkpoint), or the average of the last `average_last`
     (at least 1, and no more than the run keeps: an error says how many it has)."""
     run_dir = Path(run_dir)
-    checkpoints = tf.train.get_checkpoint_state(str(run_dir / "checkpoints"))
-    paths = list(checkpoints.all_model_checkpoint_paths) if checkpoints else []
+    paths = checkpoint_paths(run_dir)
     if average_last is not None:
         if average_last < 1:
             raise ValueError(f"average_last must be at least 1, got {average_last}")
